@@ -1,0 +1,282 @@
+"""Model loading for PPO: policy, frozen reference, critic (backbone + scalar value head), PRM and ORM.
+
+Everything a run needs from the Hugging Face model zoo goes through here, so the rules live in one place:
+- weights from outside are read as safetensors only (`use_safetensors=True`); hub code runs only when the
+  user passed `--trust-remote-code`;
+- dropout is off everywhere (PPO ratios must be 1 when nothing changed);
+- trained models (policy, critic) keep fp32 weights (AdamW steps of lr 1e-6 vanish in bf16 weights) and
+  compute in bf16 on GPU; frozen models (reference, PRM, ORM) may be stored in bf16;
+- attention is flash-attn 2 when installed, else PyTorch sdpa.
+
+`build_tiny` writes a tiny byte-level BPE tokenizer and tiny Qwen2 models (policy, two PRM formats, ORM) into
+a folder, loadable with `from_pretrained`; the `tiny` preset and the tests use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+# -------------------------------------------------------------------------------------------------
+# Loading
+# -------------------------------------------------------------------------------------------------
+
+
+def attn_implementation() -> str:
+    """flash-attn 2 when it is installed (the `gpu` extra), else PyTorch's sdpa."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+
+
+def _hub_error(flag: str, name: str, err: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"{flag}: could not load '{name}' ({type(err).__name__}: {err}). It is neither a local folder nor "
+        "reachable on the Hugging Face hub. Without hub access, try `--preset tiny` or `--preset toy`, which "
+        "build their models locally."
+    )
+
+
+def load_tokenizer(name: str, flag: str = "--model", trust_remote_code: bool = False):
+    """Tokenizer with left padding (prompts are left-padded for generation) and a pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, padding_side="left", trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(flag, name, err) from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name: str,
+    auto_class: str = "AutoModelForCausalLM",
+    *,
+    flag: str = "--model",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+    **kwargs,
+) -> nn.Module:
+    """Load `name` (local folder or hub id) with a transformers Auto class, safetensors only, dropout off."""
+    import transformers
+
+    cls = getattr(transformers, auto_class)
+    try:
+        model = cls.from_pretrained(
+            name,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation(),
+            **kwargs,
+        )
+    except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise RuntimeError(
+                f"{flag}: '{name}' needs code from the hub; pass --trust-remote-code if you trust it"
+            ) from err
+        raise _hub_error(flag, name, err) from err
+    disable_dropout(model)
+    return model.to(device)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (train() mode must not change the forward pass)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every id that ends a response: the generation config's eos list (Qwen lists two) plus the tokenizer's eos."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+class Critic(nn.Module):
+    """Value model: a transformer backbone with a scalar head, V(state before token t) for every position.
+
+    Built from the policy's backbone plus a fresh zero-initialised head (so every value starts at 0 and the
+    first advantages are the returns), or re-loaded from a folder written by `save`.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        self.value_head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """input_ids [B, T] -> values [B, T] in fp32."""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()
+
+    @classmethod
+    def load(cls, name: str, *, flag: str, dtype=torch.float32, device="cpu", trust_remote_code=False) -> "Critic":
+        """From a policy checkpoint (fresh zero head) or from a critic folder written by `save` (its head too)."""
+        from safetensors.torch import load_file
+
+        backbone = load_model(name, "AutoModel", flag=flag, dtype=dtype, device=device,
+                              trust_remote_code=trust_remote_code)
+        critic = cls(backbone).to(device=device, dtype=dtype)
+        head = Path(name) / "value_head.safetensors"
+        if head.is_file():
+            critic.value_head.load_state_dict(load_file(str(head), device=str(device)))
+        return critic
+
+    def save(self, folder: str | Path, state_dict: dict | None = None) -> None:
+        """Backbone as an HF folder plus value_head.safetensors; `Critic.load(folder)` restores both."""
+        from safetensors.torch import save_file
+
+        state = state_dict if state_dict is not None else self.state_dict()
+        backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        head_state = {k[len("value_head."):]: v.contiguous() for k, v in state.items() if k.startswith("value_head.")}
+        self.backbone.save_pretrained(folder, state_dict=backbone_state, safe_serialization=True)
+        save_file(head_state, str(Path(folder) / "value_head.safetensors"))
+
+
+# -------------------------------------------------------------------------------------------------
+# Tiny models for the `tiny` preset and the tests
+# -------------------------------------------------------------------------------------------------
+
+# Qwen2's pre-tokenizer pattern: punctuation runs absorb the newlines after them, so ".\n\n" becomes one
+# token as in the real tokenizer (the hazard that step-end mapping must survive).
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+STEP_TAG = "ки"
+PRM_SEPARATOR = "<extra_0>"
+
+_TINY_CORPUS = [
+    "Please reason step by step, and put your final answer within \\boxed{}.",
+    "Step 1: We have 3 + 4 = 7.\n\nStep 2: Then 7 × 2 = 14.\n\nThe answer is \\boxed{14}.",
+    "First, compute \\frac{1}{2} + \\frac{1}{3} = \\frac{5}{6}.\n\nSo the answer is \\boxed{\\frac{5}{6}}.",
+    "Let x be the number of apples. Then 2x + 3 = 11, so x = 4.\n\nTherefore \\boxed{4}.",
+    "The area of a circle is \\pi r^2 — with r = 3 it is 9\\pi.\n\n\\boxed{9\\pi}",
+    "What is 12 - 5?\nNatalia sold 48 clips in April, and half as many in May. How many clips in total?",
+    "√16 = 4 and 4² = 16. The angle is 90°.\n\nHence \\boxed{4}.",
+    "We get (1, 2] ∪ [3, 4).\n\n\\boxed{(1,2]}",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on a few KB of math text, with Qwen2's splitting and a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_TINY_CORPUS * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def tiny_qwen2_config(vocab_size: int, **overrides):
+    from transformers import Qwen2Config
+
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, rope_theta=10000.0,
+    )
+    fields.update(overrides)
+    return Qwen2Config(**fields)
+
+
+def build_tiny(out_dir: str | Path, seed: int = 0, **config_overrides) -> dict[str, Path]:
+    """Write tiny random models with their tokenizers into `out_dir`; returns {name: folder}.
+
+    - `policy`: Qwen2ForCausalLM. Its generation_config carries Qwen's sampling defaults (top_k 40, top_p 0.7,
+      repetition penalty 1.1) and two eos ids, so code that forgets to override them is caught.
+    - `step_tag_prm`: Qwen2ForCausalLM whose tokenizer has the Math-Shepherd step tag `ки` as one token.
+    - `token_classifier_prm`: Qwen2ForTokenClassification (2 labels) with the `<extra_0>` separator, the
+      Qwen2.5-Math-PRM format.
+    - `orm`: Qwen2ForSequenceClassification with one label.
+    Folders that already exist are reused (the same seed gives the same weights).
+    """
+    from transformers import (
+        GenerationConfig, Qwen2ForCausalLM, Qwen2ForSequenceClassification, Qwen2ForTokenClassification,
+    )
+
+    out_dir = Path(out_dir)
+    names = ["policy", "step_tag_prm", "token_classifier_prm", "orm"]
+    paths = {name: out_dir / name for name in names}
+    if all((p / "config.json").is_file() for p in paths.values()):
+        return paths
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+
+    def save(name, model, tok):
+        model.config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(paths[name], safe_serialization=True)
+        tok.save_pretrained(paths[name])
+
+    policy = Qwen2ForCausalLM(tiny_qwen2_config(len(tokenizer), eos_token_id=eos, pad_token_id=pad, **config_overrides))
+    policy.generation_config = GenerationConfig(
+        bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad,
+        do_sample=True, temperature=0.7, top_k=40, top_p=0.7, repetition_penalty=1.1,
+    )
+    save("policy", policy, tokenizer)
+
+    tag_tok = build_tiny_tokenizer()
+    tag_tok.add_tokens([STEP_TAG])
+    save("step_tag_prm", Qwen2ForCausalLM(tiny_qwen2_config(len(tag_tok), **config_overrides)), tag_tok)
+
+    sep_tok = build_tiny_tokenizer()
+    sep_tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", PRM_SEPARATOR]})
+    save("token_classifier_prm",
+         Qwen2ForTokenClassification(tiny_qwen2_config(len(sep_tok), num_labels=2, **config_overrides)), sep_tok)
+
+    orm = Qwen2ForSequenceClassification(tiny_qwen2_config(len(tokenizer), num_labels=1, **config_overrides))
+    save("orm", orm, tokenizer)
+    (out_dir / "tiny.json").write_text(json.dumps({"seed": seed, **config_overrides}))
+    return paths
+
+
+def default_cache_dir() -> Path:
+    """Where locally built models are cached: $PRM_PPO_CACHE, else ~/.cache/prm-ppo."""
+    return Path(os.environ.get("PRM_PPO_CACHE", Path.home() / ".cache" / "prm-ppo"))
