@@ -109,6 +109,52 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     return ids
 
 
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt_ids: list[list[int]],
+    *,
+    pad_id: int,
+    stop_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+) -> list[list[int]]:
+    """Sample one response per prompt with HF `generate` (KV cache on); returns response ids up to and
+    including the first stop id (no stop id within `max_new_tokens`: the response is truncated).
+
+    Prompts are left-padded so every response starts at the same column. Every sampling setting is passed
+    explicitly, because a checkpoint's generation_config.json carries its own defaults (Qwen: top_k 40,
+    top_p 0.7, repetition penalty 1.1) and a rollout sampled with them would not come from the
+    distribution that PPO's log-probs assume. Under FSDP2 call this inside `models.gathered(model)`.
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        repetition_penalty=1.0,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+        **sampling,
+    )
+    responses = []
+    stop = set(stop_ids)
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, tok in enumerate(row) if tok in stop), len(row))
+        responses.append(row[:end])
+    return responses
+
+
 class Critic(nn.Module):
     """Value model: a transformer backbone with a scalar head, V(state before token t) for every position.
 
@@ -129,7 +175,8 @@ class Critic(nn.Module):
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
-        return self.value_head(hidden).squeeze(-1).float()
+        # A matrix-vector product rather than squeeze(-1): FSDP2 warns about modules that return views.
+        return (hidden @ self.value_head.weight[0] + self.value_head.bias).float()
 
     @classmethod
     def load(cls, name: str, *, flag: str, dtype=torch.float32, device="cpu", trust_remote_code=False) -> "Critic":
@@ -280,3 +327,63 @@ def build_tiny(out_dir: str | Path, seed: int = 0, **config_overrides) -> dict[s
 def default_cache_dir() -> Path:
     """Where locally built models are cached: $PRM_PPO_CACHE, else ~/.cache/prm-ppo."""
     return Path(os.environ.get("PRM_PPO_CACHE", Path.home() / ".cache" / "prm-ppo"))
+
+
+# -------------------------------------------------------------------------------------------------
+# FSDP2 sharding, generation with gathered weights, HF export
+# -------------------------------------------------------------------------------------------------
+
+
+def shard(model: nn.Module, *, trained: bool, gpu: bool) -> None:
+    """FSDP2 (`fully_shard`) on every decoder layer, then on the root.
+
+    Trained models on GPU keep fp32 sharded master weights and compute in bf16 with fp32 gradient reduction;
+    frozen models were loaded in bf16 already. On CPU (gloo) everything stays fp32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if gpu and trained else MixedPrecisionPolicy()
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+class gathered:
+    """Context manager: all-gather an FSDP2 model's weights once, keep them for many forwards, reshard.
+
+    Plain `generate` on a sharded model all-gathers every layer at every new token; here reshard-after-forward
+    is switched off and every FSDP module is unsharded once, so a whole rollout costs one all-gather per
+    module. A no-op for a model that is not sharded.
+    """
+
+    def __init__(self, model: nn.Module):
+        from torch.distributed.fsdp import FSDPModule
+
+        self.modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        for module in self.modules:
+            module.set_reshard_after_forward(False, recurse=False)
+        for module in self.modules:
+            module.unshard()
+        return self
+
+    def __exit__(self, *exc):
+        for module in self.modules:
+            module.reshard()
+            module.set_reshard_after_forward(True, recurse=False)
+        return False
+
+
+def export_hf(model: nn.Module, tokenizer, folder: str | Path, rank: int = 0) -> None:
+    """Save the (possibly sharded) policy as an HF folder of safetensors that `from_pretrained` loads.
+
+    Every rank takes part in gathering the full state dict; rank 0 writes it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(folder)

@@ -1,0 +1,837 @@
+"""PPO for LLM math reasoning with process rewards, after "On Designing Effective RL Reward at Training
+Time for LLM Reasoning" (Gao et al., arXiv 2410.15115).
+
+What the algorithm really is. Each PPO step:
+  1. rollout   sample `samples_per_prompt` responses for each of `prompts_per_step` math problems;
+  2. score     recompute the sampling log-probs (policy), the reference log-probs and the critic's values;
+               grade the final answers (success reward 1/0) and score every step with a PRM;
+  3. rewards   turn step scores into step rewards with the chosen transform (raw PRM, Clip, Delta,
+               Clip-Delta, min-form; alpha-scaled), put them on the tokens that end the steps, the success
+               reward on the last token, and a KL penalty -beta * (logp - logp_ref) on every token;
+  4. GAE       per-token advantages and returns (gamma = lambda = 1 by default; the value after the last
+               response token is 0, truncated responses included);
+  5. whiten    advantages over all valid tokens of the rollout (all ranks);
+  6. update    a few epochs of clipped-ratio policy loss and clipped value loss over shuffled minibatches.
+
+The paper's point is step 3: with raw PRM rewards every extra step pays, so the policy pads its solutions.
+Clip (min(score - eta, 0)) makes every step reward <= 0; Delta (score_k - score_{k+1}) telescopes so the
+return cannot grow with length. See rewards.py.
+
+Run:
+    python ppo.py --preset tiny --reward clip_delta --steps 2          # CPU smoke test, seconds
+    python ppo.py --preset toy --reward prm                            # the CPU toy world (toy.py)
+    torchrun --nproc_per_node 8 ppo.py --reward delta                  # the paper's 1.5B run
+    python ppo.py --help                                               # every field, with its default
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import data
+import models
+import rewards
+
+
+def arg(default, help: str):
+    """A config field whose one-line help is the `--help` text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # --- run ---
+    preset: str | None = arg(None, "named defaults: qwen2.5-math-1.5b, qwen2.5-math-7b, tiny, toy; explicit flags override")
+    output_dir: str = arg("runs/ppo", "everything a run writes: metrics.jsonl, samples.jsonl, checkpoints, the final policy")
+    steps: int = arg(200, "PPO steps (one rollout and one update each)")
+    seed: int = arg(0, "seed for data order (same on all ranks) and sampling (offset by rank)")
+    cache_dir: str = arg(str(models.default_cache_dir()), "where locally built models (tiny, toy) are cached")
+    # --- models ---
+    model: str = arg("Qwen/Qwen2.5-Math-1.5B-Instruct", "policy (and reference) checkpoint: local folder or hub id")
+    critic: str | None = arg(None, "critic checkpoint; default: the policy's backbone with a fresh zero-initialised value head")
+    prm: str = arg("peiyi9979/math-shepherd-mistral-7b-prm", "process reward model: hub id or folder, module:function (any callable with the PRM interface), or none")
+    prm_format: str = arg("step_tag", "PRM input format: step_tag (Math-Shepherd) or token_classifier (Qwen2.5-Math-PRM, needs --trust-remote-code)")
+    orm: str = arg("none", "outcome reward model (sequence classifier, sigmoid score) for --reward orm: hub id, folder, or none")
+    trust_remote_code: bool = arg(False, "allow model code from the hub (Qwen2.5-Math-PRM needs it); never set by a preset")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass of policy and critic (less memory, ~30%% slower)")
+    # --- data ---
+    train_data: str = arg("math", "training problems: named sources (math, gsm8k, math500), local .jsonl/.json/.parquet, comma-separated")
+    eval_data: str | None = arg(None, "evaluation problems for --eval-every (same syntax as --train-data)")
+    eval_every: int = arg(0, "evaluate greedy accuracy every N steps on --eval-size problems of --eval-data (0: never)")
+    eval_size: int = arg(128, "how many --eval-data problems (a fixed subset) --eval-every uses")
+    max_prompt_tokens: int = arg(1024, "prompts longer than this are dropped (and counted) at load time")
+    # --- rollout ---
+    prompts_per_step: int = arg(64, "problems per PPO step, over all ranks")
+    samples_per_prompt: int = arg(8, "responses sampled per problem")
+    max_new_tokens: int = arg(1024, "response length limit; a response without EOS by then is truncated (success 0)")
+    temperature: float = arg(1.0, "sampling temperature; every policy/reference forward divides logits by it")
+    generation_batch_size: int = arg(64, "responses generated at once per rank (bounds the KV cache)")
+    # --- reward ---
+    reward: str = arg("clip_delta", "reward: success, orm, prm, clip, delta, clip_delta, minform (see README)")
+    alpha: float = arg(1.0, "weight of the PRM/ORM term against the 1/0 success reward (ours: the paper does not say)")
+    eta: float = arg(0.5, "Clip threshold: step reward min(score - eta, 0) (ours: penalise steps the PRM thinks more likely wrong than right)")
+    minform_temperature: float = arg(0.1, "temperature of PURE's softmin weights for --reward minform (PURE's value)")
+    step_delimiter: str = arg("\n\n", "text that separates reasoning steps (empty steps are dropped)")
+    beta: float = arg(0.1, "KL penalty per token, -beta * (logp - logp_ref), in the reward (ReaLHF's default kl_ctl)")
+    answer_timeout: float = arg(10.0, "seconds before an answer check is killed and counted incorrect")
+    answer_workers: int = arg(2, "processes grading answers in parallel")
+    # --- PPO ---
+    gamma: float = arg(1.0, "discount (ReaLHF's default)")
+    lam: float = arg(1.0, "GAE lambda (ReaLHF's default)")
+    clip_eps: float = arg(0.2, "policy ratio clip (ReaLHF's default)")
+    value_clip: float = arg(0.2, "value clip around the rollout's values (ReaLHF's default)")
+    ppo_epochs: int = arg(1, "passes over each rollout")
+    ppo_minibatches: int = arg(4, "optimiser steps per epoch; the rollout is shuffled and split into this many (ReaLHF's default)")
+    micro_batch_tokens: int = arg(16384, "token budget of one forward/backward micro-batch (padded tokens counted)")
+    policy_lr: float = arg(1e-6, "policy learning rate (ours: common for 1.5B-7B PPO, e.g. OpenRLHF's examples)")
+    critic_lr: float = arg(1e-5, "critic learning rate (ours: the fresh value head must move faster than the policy)")
+    warmup_steps: int = arg(10, "optimiser steps of linear learning-rate warm-up, then constant")
+    max_grad_norm: float = arg(1.0, "gradient clipping, per model")
+    # --- logging and checkpoints ---
+    log_samples_every: int = arg(10, "write a few completions with their rewards to samples.jsonl every N steps")
+    save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = arg(2, "how many checkpoints to keep")
+    resume: bool = arg(False, "continue from <output-dir>/checkpoints/latest; reads only this run's own folder (torch.distributed.checkpoint unpickles its metadata)")
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's models with a public PRM. Math-Shepherd's PRM was trained by the method the paper used.
+    "qwen2.5-math-1.5b": dict(model="Qwen/Qwen2.5-Math-1.5B-Instruct", prm="peiyi9979/math-shepherd-mistral-7b-prm",
+                              prm_format="step_tag", max_new_tokens=1024),
+    "qwen2.5-math-7b": dict(model="Qwen/Qwen2.5-Math-7B-Instruct", prm="peiyi9979/math-shepherd-mistral-7b-prm",
+                            prm_format="step_tag", max_new_tokens=1024, gradient_checkpointing=True,
+                            micro_batch_tokens=8192, generation_batch_size=32),
+    # Tiny random models built locally (models.build_tiny): a smoke test, not for learning.
+    "tiny": dict(model="tiny", prm="tiny", prm_format="step_tag", orm="tiny", train_data="tiny", eval_data="tiny",
+                 prompts_per_step=4, samples_per_prompt=2, max_new_tokens=16, ppo_minibatches=2,
+                 micro_batch_tokens=256, steps=4, policy_lr=1e-4, critic_lr=1e-4, warmup_steps=0,
+                 log_samples_every=1, output_dir="runs/tiny", max_prompt_tokens=256),
+    # The CPU toy world (toy.py): a step verifier as PRM, a warm-started character-level policy.
+    "toy": dict(model="toy", prm="toy:step_verifier", train_data="toy", eval_data="toy", prompts_per_step=16,
+                samples_per_prompt=4, max_new_tokens=64, temperature=1.0, ppo_epochs=2, ppo_minibatches=2,
+                policy_lr=3e-5, critic_lr=1e-4, warmup_steps=0, beta=0.02, alpha=1.0, eta=0.5, steps=120,
+                micro_batch_tokens=4096, log_samples_every=10, output_dir="runs/toy", max_prompt_tokens=64),
+}
+
+# Fields that may change between a checkpoint and its resumed run; any other difference is a config error.
+RESUMABLE_FIELDS = {"steps", "resume", "save_every", "keep_checkpoints", "log_samples_every", "eval_every",
+                    "eval_size", "eval_data", "answer_workers", "answer_timeout", "cache_dir", "output_dir",
+                    "generation_batch_size", "micro_batch_tokens"}
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """argparse built from the dataclass: one flag per field, help = the field's doc, preset as defaults."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            choices = list(PRESETS) if f.name == "preset" else None
+            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=f.metadata["help"])
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset is not None:
+        parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(argv)
+    if args.step_delimiter:
+        args.step_delimiter = args.step_delimiter.encode().decode("unicode_escape")  # "\n\n" typed on a shell
+    return Config(**vars(args))
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Fail before any model is loaded, naming the flag."""
+    if cfg.reward not in rewards.REWARD_CHOICES:
+        raise SystemExit(f"--reward: unknown '{cfg.reward}'; choose one of {', '.join(rewards.REWARD_CHOICES)}")
+    if cfg.reward in rewards.STEP_TRANSFORMS and cfg.prm == "none":
+        raise SystemExit(f"--reward {cfg.reward} needs a process reward model, but --prm is none")
+    if cfg.reward == "orm" and cfg.orm == "none":
+        raise SystemExit("--reward orm needs --orm (an outcome reward model)")
+    if cfg.prm_format not in ("step_tag", "token_classifier"):
+        raise SystemExit(f"--prm-format: unknown '{cfg.prm_format}'; choose step_tag or token_classifier")
+    if cfg.prompts_per_step % world_size:
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not divide over {world_size} ranks")
+    per_rank = cfg.prompts_per_step // world_size * cfg.samples_per_prompt
+    if per_rank % cfg.ppo_minibatches:
+        raise SystemExit(f"--ppo-minibatches {cfg.ppo_minibatches} does not divide the {per_rank} responses per rank "
+                         f"(--prompts-per-step / ranks * --samples-per-prompt)")
+    for flag, value in (("--model", cfg.model), ("--critic", cfg.critic), ("--prm", cfg.prm), ("--orm", cfg.orm)):
+        if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
+            raise SystemExit(f"{flag}: no such folder '{value}'")
+    if cfg.eval_every and not cfg.eval_data:
+        raise SystemExit("--eval-every needs --eval-data")
+
+
+# -------------------------------------------------------------------------------------------------
+# Distributed helpers (no-ops in a single process)
+# -------------------------------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: NCCL on GPU, gloo on CPU."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_max(n: int) -> int:
+    if not dist.is_initialized():
+        return n
+    t = torch.tensor([n], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+# -------------------------------------------------------------------------------------------------
+# The math: log-probs, GAE, losses
+# -------------------------------------------------------------------------------------------------
+
+
+def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_rows: int = 1024):
+    """log softmax(logits / T)[target] in fp32, `chunk_rows` rows at a time.
+
+    logits [N, V] (any dtype), targets [N] -> [N] fp32. With a 152k vocabulary an fp32 copy of all logits
+    would be the largest tensor of the step; each chunk is cast, reduced and (under autograd) recomputed in
+    the backward pass instead of being kept.
+    """
+    out = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk = (logits[start:start + chunk_rows], targets[start:start + chunk_rows], temperature)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *chunk, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(*chunk))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, temperature: float, chunk_rows: int = 1024) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per row, fp32, chunked: logits [N, V] -> [N]. For logging only."""
+    out = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        logp = F.log_softmax(logits[start:start + chunk_rows].float() / temperature, dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+def response_logprobs(model, batch: dict, temperature: float, with_entropy: bool = False):
+    """Log-probs of the response tokens under `model`, temperature-scaled: -> [n, R] (and entropy [n, R]).
+
+    The batch is laid out [left-padded prompt (P columns) | right-padded response (R columns)]. Logits at
+    position t predict token t+1, so response token i is scored by the logits at column P-1+i: the last
+    R+1 columns of logits, minus the very last. Example, P=3, R=2:
+        columns   0    1    2    3    4
+        tokens    pad  q1   q2   a1   a2
+        logits at column 2 score a1, column 3 scores a2 (column 4 predicts past the end).
+    """
+    n, width = batch["input_ids"].shape
+    R = batch["response_ids"].shape[1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], use_cache=False, logits_to_keep=R + 1).logits[:, :-1]
+    flat = logits.reshape(n * R, -1)
+    logp = token_logprobs(flat, batch["response_ids"].reshape(-1), temperature).view(n, R)
+    if not with_entropy:
+        return logp
+    return logp, token_entropy(flat.detach(), temperature).view(n, R)
+
+
+def response_values(critic, batch: dict) -> torch.Tensor:
+    """Critic values of the states before each response token: column P-1+i for token i -> [n, R] fp32."""
+    P, R = batch["prompt_width"], batch["response_ids"].shape[1]
+    values = critic(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"])
+    return values[:, P - 1:P - 1 + R]
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation on the token grid.
+
+    rewards, values, mask: [B, T] (mask 1 on response tokens, which start at column 0 and are contiguous).
+    Returns (advantages, returns), both [B, T] and 0 off the mask; returns = advantages + values.
+    The value after the last response token is 0 whether the response ended with EOS or was truncated (we do
+    not bootstrap a truncated response; ReaLHF does).
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1}
+    """
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    next_advantage = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
+        # Off the mask both become 0, so the last valid token sees V = 0 and A = 0 after it.
+        next_value = values[:, t] * mask[:, t]
+        next_advantage = advantages[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the valid tokens of all ranks; 0 off the mask. x, mask: [B, T]."""
+    stats = all_reduce_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double())
+    mean = stats[0] / stats[2]
+    var = (stats[1] / stats[2] - mean * mean).clamp_min(0)
+    return ((x - mean) * torch.rsqrt(var + eps)).to(x.dtype) * mask
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_eps: float, num_tokens: float):
+    """Clipped-ratio PPO loss, summed over valid tokens and divided by `num_tokens` (the valid tokens of the
+    whole minibatch over all micro-batches and ranks, so micro-batching does not change the gradient).
+
+    All tensors [n, R]. Per token: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
+    Returns (loss, number of tokens whose ratio was clipped).
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = (torch.maximum(unclipped, clipped) * mask).sum() / num_tokens
+    return loss, ((clipped > unclipped).float() * mask).sum().detach()
+
+
+def value_loss(values, old_values, returns, mask, value_clip: float, num_tokens: float):
+    """Clipped value loss 0.5 * max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2), summed over valid
+    tokens and divided by `num_tokens` as in `policy_loss`. All tensors [n, R]."""
+    clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return (per_token * mask).sum() / num_tokens
+
+
+# -------------------------------------------------------------------------------------------------
+# Batching: length-sorted micro-batches under a token budget
+# -------------------------------------------------------------------------------------------------
+
+
+def micro_batches(indices: list[int], prompt_lens: list[int], response_lens: list[int], token_budget: int) -> list[list[int]]:
+    """Group sequences, sorted by length, so that rows * (widest prompt + widest response) <= budget.
+
+    Sorting keeps similar lengths together, so the padding inside a micro-batch stays small.
+    """
+    order = sorted(indices, key=lambda i: (prompt_lens[i] + response_lens[i], i))
+    groups, current, p_max, r_max = [], [], 0, 0
+    for i in order:
+        p, r = max(p_max, prompt_lens[i]), max(r_max, response_lens[i])
+        if current and (len(current) + 1) * (p + r) > token_budget:
+            groups.append(current)
+            current, p, r = [], prompt_lens[i], response_lens[i]
+        current.append(i)
+        p_max, r_max = p, r
+    if current:
+        groups.append(current)
+    return groups
+
+
+def collate(rollout: dict, idx: list[int], pad_id: int, device) -> dict:
+    """Rows `idx` of the rollout as [left-padded prompt | right-padded response] tensors on `device`."""
+    prompts = [rollout["prompt_ids"][i] for i in idx]
+    responses = [rollout["response_ids"][i] for i in idx]
+    P, R = max(len(p) for p in prompts), max(max(len(r) for r in responses), 1)
+    input_ids = torch.full((len(idx), P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[row, P - len(p):P] = torch.tensor(p)
+        input_ids[row, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+        attention_mask[row, P - len(p):P + len(r)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 response_ids=input_ids[:, P:])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["prompt_width"] = P
+    for key in ("mask", "old_logp", "ref_logp", "values", "advantages", "returns"):
+        if key in rollout:
+            batch[key] = rollout[key][idx, :R].to(device)
+    return batch
+
+
+def equalise(groups: list[list[int]]) -> list[tuple[list[int], float]]:
+    """Every rank must run the same number of forward passes under FSDP: pad the list with repeats of the
+    first micro-batch that count with weight 0. Returns [(indices, weight)]."""
+    n = all_reduce_max(len(groups))
+    return [(g, 1.0) for g in groups] + [(groups[0], 0.0)] * (n - len(groups))
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoints
+# -------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, cfg: Config, rank: int, *, step: int, keep: int):
+    """Sharded checkpoint under <run>/checkpoints/step_N, then an atomic `latest` pointer.
+
+    Written into step_N.tmp and renamed when complete, so a kill mid-save leaves the previous one usable.
+    Holds policy, critic, both optimisers (torch.distributed.checkpoint), the RNG states of each rank, the
+    data position and the step.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = run / "checkpoints"
+    final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    policy_sd, policy_opt_sd = get_state_dict(policy, policy_opt)
+    critic_sd, critic_opt_sd = get_state_dict(critic, critic_opt)
+    dcp.save({"policy": policy_sd, "policy_opt": policy_opt_sd, "critic": critic_sd, "critic_opt": critic_opt_sd},
+             checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    rng = {"torch": torch.get_rng_state(), "python": torch.tensor(list(random.getstate()[1]), dtype=torch.long)}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        (tmp / "state.json").write_text(json.dumps({"step": step, "sampler": sampler.state_dict(),
+                                                    "config": dataclasses.asdict(cfg)}, indent=1))
+        os.replace(tmp, final)
+        pointer = root / "latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")
+        for old in sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1].split(".")[0]))[:-keep]:
+            if not old.name.endswith(".tmp"):
+                shutil.rmtree(old)
+    barrier()
+
+
+def load_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, cfg: Config, rank: int) -> int:
+    """Restore everything `save_checkpoint` wrote from <run>/checkpoints/latest; returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    root = run / "checkpoints"
+    if not (root / "latest").is_file():
+        raise SystemExit(f"--resume: no checkpoint in {root} (no 'latest' file)")
+    folder = root / (root / "latest").read_text().strip()
+    state = json.loads((folder / "state.json").read_text())
+    saved, current = state["config"], dataclasses.asdict(cfg)
+    diff = [k for k in current if k not in RESUMABLE_FIELDS and saved.get(k) != current[k]]
+    if diff:
+        raise SystemExit(f"--resume: checkpoint {folder} was written with a different config: " +
+                         ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in diff))
+    rng_file = folder / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():
+        raise SystemExit(f"--resume: {folder} has no {rng_file.name}: it was saved with a different number of ranks")
+    policy_sd, policy_opt_sd = get_state_dict(policy, policy_opt)
+    critic_sd, critic_opt_sd = get_state_dict(critic, critic_opt)
+    sd = {"policy": policy_sd, "policy_opt": policy_opt_sd, "critic": critic_sd, "critic_opt": critic_opt_sd}
+    dcp.load(sd, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    set_state_dict(policy, policy_opt, model_state_dict=sd["policy"], optim_state_dict=sd["policy_opt"])
+    set_state_dict(critic, critic_opt, model_state_dict=sd["critic"], optim_state_dict=sd["critic_opt"])
+    rng = torch.load(rng_file, weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate((3, tuple(int(v) for v in rng["python"].tolist()), None))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    sampler.load_state_dict(state["sampler"])
+    return int(state["step"])
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -------------------------------------------------------------------------------------------------
+# Setup
+# -------------------------------------------------------------------------------------------------
+
+
+def resolve_local_models(cfg: Config, rank: int) -> None:
+    """The `tiny` and `toy` presets name models that are built here (rank 0 first; later ranks reuse them)."""
+    for turn in range(2):
+        if (turn == 0) == (rank == 0):
+            if cfg.model == "tiny":
+                paths = models.build_tiny(Path(cfg.cache_dir) / "tiny")
+                cfg.model = str(paths["policy"])
+                if cfg.prm == "tiny":
+                    cfg.prm = str(paths["step_tag_prm" if cfg.prm_format == "step_tag" else "token_classifier_prm"])
+                if cfg.orm == "tiny":
+                    cfg.orm = str(paths["orm"])
+            elif cfg.model == "toy":
+                import toy
+
+                cfg.model = str(toy.warm_start(Path(cfg.cache_dir) / "toy", seed=cfg.seed))
+        barrier()
+
+
+def load_problems(source: str, split: str, cfg: Config) -> list[dict]:
+    if source == "tiny":
+        return data.tiny_problems(seed=cfg.seed if split == "train" else cfg.seed + 1)
+    if source == "toy":
+        import toy
+
+        return toy.problems(5000 if split == "train" else 200, seed=cfg.seed if split == "train" else cfg.seed + 10_000)
+    return data.load_problems(source, split)
+
+
+def load_prm(cfg: Config, device: torch.device, dtype: torch.dtype):
+    """The PRM as a callable `prm(questions, steps) -> scores`, or None when the reward does not use one."""
+    if cfg.reward not in rewards.STEP_TRANSFORMS:
+        return None
+    if ":" in cfg.prm and not Path(cfg.prm).exists():
+        module_name, _, function_name = cfg.prm.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError) as err:
+            raise SystemExit(f"--prm {cfg.prm}: cannot import {function_name} from {module_name} ({err})") from err
+    tokenizer = models.load_tokenizer(cfg.prm, "--prm", cfg.trust_remote_code)
+    if cfg.prm_format == "step_tag":
+        model = models.load_model(cfg.prm, flag="--prm", dtype=dtype, device=device)
+        return rewards.StepTagPRM(model.requires_grad_(False), tokenizer)
+    from transformers import AutoConfig
+
+    remote_code = "AutoModel" in (getattr(AutoConfig.from_pretrained(cfg.prm), "auto_map", None) or {})
+    if remote_code and not cfg.trust_remote_code:
+        raise SystemExit(f"--prm {cfg.prm} runs model code from the hub; pass --trust-remote-code if you trust it")
+    model = models.load_model(cfg.prm, "AutoModel" if remote_code else "AutoModelForTokenClassification",
+                              flag="--prm", dtype=dtype, device=device, trust_remote_code=remote_code)
+    return rewards.TokenClassifierPRM(model.requires_grad_(False), tokenizer)
+
+
+def load_orm(cfg: Config, device: torch.device, dtype: torch.dtype):
+    if cfg.reward != "orm":
+        return None
+    tokenizer = models.load_tokenizer(cfg.orm, "--orm", cfg.trust_remote_code)
+    model = models.load_model(cfg.orm, "AutoModelForSequenceClassification", flag="--orm", dtype=dtype,
+                              device=device, trust_remote_code=cfg.trust_remote_code)
+    return rewards.SequenceORM(model.requires_grad_(False), tokenizer)
+
+
+def warmup_then_constant(optimizer, warmup_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+
+
+class RunLog:
+    """metrics.jsonl (one line per step), samples.jsonl, TensorBoard when installed; rank 0 only."""
+
+    def __init__(self, run: Path, enabled: bool, resumed_step: int):
+        self.enabled, self.run = enabled, run
+        self.tensorboard = None
+        if not enabled:
+            return
+        metrics = run / "metrics.jsonl"
+        if metrics.exists():  # a resumed run continues the file; steps after the checkpoint are redone
+            kept = [l for l in metrics.read_text().splitlines() if l and json.loads(l)["step"] <= resumed_step]
+            metrics.write_text("".join(l + "\n" for l in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run / "tensorboard"))
+        except ImportError:
+            pass
+
+    def metrics(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, step)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        if self.enabled:
+            with open(self.run / "samples.jsonl", "a") as f:
+                for row in rows:
+                    f.write(json.dumps({"step": step, **row}) + "\n")
+
+
+# -------------------------------------------------------------------------------------------------
+# The PPO step
+# -------------------------------------------------------------------------------------------------
+
+
+def rollout(cfg: Config, batch: list[dict], ctx: dict) -> dict:
+    """Stages 1 and 2 for this rank's problems: sample responses, then score them.
+
+    Returns a dict with per-response lists (`prompt_ids`, `response_ids`, `texts`, `steps`, `step_ends`,
+    `step_scores`, `problems`) and tensors: `mask`, `old_logp`, `ref_logp`, `values` [B, R]; `success`,
+    `correct`, `truncated`, `sequence_reward` [B]. This is what a saved rollout holds.
+    """
+    policy, reference, critic, tokenizer = ctx["policy"], ctx["reference"], ctx["critic"], ctx["tokenizer"]
+    timer = time.perf_counter
+    t0 = timer()
+
+    # 1. Rollout: samples_per_prompt responses per problem, sampled with explicit settings, from weights
+    #    all-gathered once (FSDP2) rather than once per generated token.
+    problems = [p for p in batch for _ in range(cfg.samples_per_prompt)]
+    prompt_ids = [p["prompt_ids"] for p in problems]
+    policy.eval()
+    response_ids: list[list[int]] = []
+    with models.gathered(policy):
+        for start in range(0, len(prompt_ids), cfg.generation_batch_size):
+            response_ids += models.generate(policy, prompt_ids[start:start + cfg.generation_batch_size],
+                                            pad_id=tokenizer.pad_token_id, stop_ids=ctx["stop_ids"],
+                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    B, R = len(response_ids), max(max(len(r) for r in response_ids), 1)
+    lengths = torch.tensor([len(r) for r in response_ids])
+    mask = (torch.arange(R)[None, :] < lengths[:, None]).float()
+    texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    ro = dict(problems=problems, prompt_ids=prompt_ids, response_ids=response_ids, texts=texts, mask=mask,
+              truncated=torch.tensor([not r or r[-1] not in ctx["stop_ids"] for r in response_ids]))
+    t1 = timer()
+
+    # 2. Score: log-probs of the sampling policy and of the reference, critic values, answers, step scores.
+    ro.update(old_logp=torch.zeros(B, R), ref_logp=torch.zeros(B, R), values=torch.zeros(B, R))
+    groups = micro_batches(list(range(B)), [len(p) for p in prompt_ids], lengths.tolist(), cfg.micro_batch_tokens)
+    with torch.no_grad(), ctx["autocast"]():
+        for idx, _ in equalise(groups):
+            mb = collate(ro, idx, tokenizer.pad_token_id, ctx["device"])
+            width = mb["response_ids"].shape[1]
+            ro["old_logp"][idx, :width] = response_logprobs(policy, mb, cfg.temperature).float().cpu()
+            ro["ref_logp"][idx, :width] = response_logprobs(reference, mb, cfg.temperature).float().cpu()
+            ro["values"][idx, :width] = response_values(critic, mb).float().cpu()
+    for key in ("old_logp", "ref_logp", "values"):
+        ro[key] *= mask
+    ro["correct"] = torch.tensor(ctx["checker"](texts, [p["answer"] for p in problems]))
+    ro["success"] = (ro["correct"] & ~ro["truncated"]).float()  # a truncated response never succeeds
+    ro["steps"] = [rewards.split_steps(t, cfg.step_delimiter) for t in texts]
+    ro["step_ends"] = [rewards.step_end_indices(r, tokenizer, cfg.step_delimiter) for r in response_ids]
+    ro["step_scores"] = [[] for _ in range(B)]
+    if ctx["prm"] is not None:
+        ro["step_scores"] = ctx["prm"]([p["problem"] for p in problems], ro["steps"])
+    ro["sequence_reward"] = ro["success"].clone()
+    if ctx["orm"] is not None:
+        ro["sequence_reward"] += cfg.alpha * torch.tensor(ctx["orm"]([p["problem"] for p in problems], texts))
+    ro["time"] = {"time/rollout": t1 - t0, "time/score": timer() - t1}
+    return ro
+
+
+def train_on_rollout(cfg: Config, step: int, ro: dict, ctx: dict) -> dict:
+    """Stages 3 to 6 on a scored rollout (this rank's share); returns the step's metrics (all ranks)."""
+    policy, critic, device, world = ctx["policy"], ctx["critic"], ctx["device"], ctx["world"]
+    t0 = time.perf_counter()
+    mask, values = ro["mask"], ro["values"]
+
+    # 3. Rewards on tokens: success (+ alpha * ORM) on the last token, alpha * transformed step scores on the
+    #    tokens that end the steps, and the KL penalty on every token.
+    step_rewards = rewards.step_rewards(ro["step_scores"], cfg.reward, cfg, cfg.alpha)
+    placed = rewards.place_rewards(ro["sequence_reward"], step_rewards, ro["step_ends"], mask)
+    kl = (ro["old_logp"] - ro["ref_logp"]) * mask
+    token_rewards = placed - cfg.beta * kl
+
+    # 4. GAE, with the value after the last token = 0.
+    advantages, returns = compute_gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
+    # 5. Whiten advantages over all valid tokens of all ranks.
+    train = dict(ro, advantages=whiten(advantages, mask), returns=returns)
+
+    # 6. Update: ppo_epochs passes over shuffled minibatches. Losses are normalised by the minibatch's valid
+    #    tokens over all micro-batches and ranks, and multiplied by the world size because FSDP2 averages
+    #    gradients over ranks: the gradient is then independent of both.
+    policy.train()
+    critic.train()
+    B = mask.shape[0]
+    prompt_lens, response_lens = [len(p) for p in ro["prompt_ids"]], [len(r) for r in ro["response_ids"]]
+    stats = torch.zeros(7, dtype=torch.float64)  # policy loss, value loss, clipped, approx kl, entropy, tokens, minibatches
+    first_ratio_error = None
+    shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + ctx["rank"])
+    minibatch_size = B // cfg.ppo_minibatches
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=shuffle).tolist()
+        for m in range(cfg.ppo_minibatches):
+            idx = order[m * minibatch_size:(m + 1) * minibatch_size]
+            num_tokens = all_reduce_sum(mask[idx].sum().to(device)).item()
+            for micro, weight in equalise(micro_batches(idx, prompt_lens, response_lens, cfg.micro_batch_tokens)):
+                mb = collate(train, micro, ctx["tokenizer"].pad_token_id, device)
+                with ctx["autocast"]():
+                    logp, entropy = response_logprobs(policy, mb, cfg.temperature, with_entropy=True)
+                    new_values = response_values(critic, mb)
+                p_loss, clipped = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip_eps, num_tokens)
+                v_loss = value_loss(new_values, mb["values"], mb["returns"], mb["mask"], cfg.value_clip, num_tokens)
+                if not (torch.isfinite(p_loss) and torch.isfinite(v_loss)):
+                    raise RuntimeError(f"step {step}: non-finite loss (policy {p_loss.item()}, value {v_loss.item()}); "
+                                       f"stopping, the last checkpoint in {cfg.output_dir}/checkpoints is kept")
+                (p_loss * weight * world).backward()
+                (v_loss * weight * world).backward()
+                with torch.no_grad():
+                    log_ratio = (logp - mb["old_logp"]) * mb["mask"]
+                    if first_ratio_error is None:
+                        first_ratio_error = log_ratio.abs().max().item()
+                    stats += weight * torch.tensor([
+                        p_loss.item(), v_loss.item(), clipped.item(),
+                        ((log_ratio.exp() - 1 - log_ratio) * mb["mask"]).sum().item(),  # k3 estimator of KL(old||new)
+                        (entropy * mb["mask"]).sum().item(), mb["mask"].sum().item(), 0.0], dtype=torch.float64)
+            grad_norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) for model in (policy, critic)]
+            for optimizer, scheduler in ctx["optimizers"]:
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            stats[6] += 1
+    t_update = time.perf_counter() - t0
+
+    # Metrics: sums over ranks, then means.
+    per_response = torch.stack([
+        ro["success"], ro["correct"].float(), torch.tensor([float(r.sum()) for r in step_rewards]),
+        -cfg.beta * kl.sum(1), kl.sum(1), mask.sum(1), torch.tensor([float(len(s)) for s in ro["steps"]]),
+        ro["truncated"].float(), ro["sequence_reward"] - ro["success"]]).double()
+    valid = mask.bool()
+    error = (returns - values)[valid].double()
+    sums = all_reduce_sum(torch.cat([
+        per_response.sum(1), stats,
+        torch.tensor([B, sum(prompt_lens), (error ** 2).sum(), returns[valid].sum(), (returns[valid] ** 2).sum(),
+                      values[valid].sum()], dtype=torch.float64)]).to(device)).cpu().tolist()
+    (success, correct, process, kl_penalty, ref_kl, length, n_steps, truncated, outcome,
+     p_loss_sum, v_loss_sum, clipped, approx_kl, entropy, tokens, minibatches,
+     n, prompt_tokens, err_sq, ret_sum, ret_sq, value_sum) = sums
+    minibatches /= world
+    returns_var = ret_sq / length - (ret_sum / length) ** 2
+    rollout_time = ro["time"]["time/rollout"] + ro["time"]["time/score"]
+    metrics = {
+        "reward/success": success / n, "reward/correct_answer": correct / n, "reward/process": process / n,
+        "reward/outcome_model": outcome / n, "reward/kl": kl_penalty / n,
+        "reward/total": (success + process + outcome + kl_penalty) / n,
+        "response/length": length / n, "response/steps": n_steps / n, "response/truncated": truncated / n,
+        "loss/policy": p_loss_sum / minibatches, "loss/value": v_loss_sum / minibatches,
+        "policy/clip_frac": clipped / tokens, "policy/approx_kl": approx_kl / tokens, "policy/entropy": entropy / tokens,
+        "policy/ref_kl": ref_kl / n, "policy/first_ratio_error": first_ratio_error,
+        "policy/grad_norm": float(grad_norms[0].full_tensor() if hasattr(grad_norms[0], "full_tensor") else grad_norms[0]),
+        "value/grad_norm": float(grad_norms[1].full_tensor() if hasattr(grad_norms[1], "full_tensor") else grad_norms[1]),
+        "value/explained_var": 1 - (err_sq / length) / max(returns_var, 1e-12), "value/mean": value_sum / length,
+        "answer/timeouts": ctx["checker"].timeouts if ctx.get("checker") else 0,
+        **ro["time"], "time/update": t_update, "time/step": rollout_time + t_update,
+        "throughput/tokens_per_s": (length + prompt_tokens) / (rollout_time + t_update),
+        "throughput/generated_tokens_per_s": length / max(ro["time"]["time/rollout"], 1e-9),
+    }
+    ro["step_rewards"] = step_rewards
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def sample_rows(ro: dict, k: int = 4) -> list[dict]:
+    """The first k completions of this rank with their rewards, for samples.jsonl."""
+    return [dict(problem=ro["problems"][i]["problem"], answer=ro["problems"][i]["answer"], response=ro["texts"][i],
+                 success=float(ro["success"][i]), truncated=bool(ro["truncated"][i]),
+                 step_scores=[float(s) for s in ro["step_scores"][i]], step_rewards=ro["step_rewards"][i].tolist())
+            for i in range(min(k, len(ro["texts"])))]
+
+
+def setup(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
+    """Load (and on several ranks shard) every model, the optimisers and the answer checker: the run's context."""
+    # Trained models in fp32 (bf16 compute on GPU), frozen ones in bf16 on GPU.
+    gpu = device.type == "cuda"
+    frozen_dtype = torch.bfloat16 if gpu else torch.float32
+    tokenizer = models.load_tokenizer(cfg.model, "--model", cfg.trust_remote_code)
+    policy = models.load_model(cfg.model, flag="--model", device=device, trust_remote_code=cfg.trust_remote_code)
+    reference = models.load_model(cfg.model, flag="--model", dtype=frozen_dtype, device=device,
+                                  trust_remote_code=cfg.trust_remote_code).requires_grad_(False)
+    critic = models.Critic.load(cfg.critic or cfg.model, flag="--critic" if cfg.critic else "--model", device=device,
+                                trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prm, orm = load_prm(cfg, device, frozen_dtype), load_orm(cfg, device, frozen_dtype)
+    if world > 1:
+        for model, trained in ((policy, True), (critic, True), (reference, False)):
+            models.shard(model, trained=trained, gpu=gpu)
+        for scorer in (prm, orm):
+            if isinstance(getattr(scorer, "model", None), torch.nn.Module):
+                models.shard(scorer.model, trained=False, gpu=gpu)
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=0.0)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
+    return dict(
+        policy=policy, reference=reference, critic=critic, tokenizer=tokenizer, prm=prm, orm=orm,
+        device=device, world=world, rank=rank, stop_ids=models.stop_token_ids(policy, tokenizer),
+        optimizers=[(policy_opt, warmup_then_constant(policy_opt, cfg.warmup_steps)),
+                    (critic_opt, warmup_then_constant(critic_opt, cfg.warmup_steps))],
+        # One GPU: autocast gives bf16 compute over fp32 weights (under FSDP2 its mixed precision does that).
+        autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu and world == 1 else contextlib.nullcontext,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(argv)
+    rank, world, device = init_distributed()
+    validate(cfg, world)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    run = Path(cfg.output_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + rank)  # per-rank sampling seed; the data order has its own
+    random.seed(cfg.seed + rank)
+    resolve_local_models(cfg, rank)
+    if rank == 0:
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    ctx = setup(cfg, rank, world, device)
+
+    # Data: the same order on every rank; each rank takes its slice of every step's problems.
+    problems, dropped = data.tokenize_prompts(ctx["tokenizer"], load_problems(cfg.train_data, "train", cfg), cfg.max_prompt_tokens)
+    if rank == 0 and dropped:
+        print(f"--train-data: dropped {dropped} prompts longer than --max-prompt-tokens {cfg.max_prompt_tokens}", file=sys.stderr)
+    sampler = data.PromptSampler(problems, cfg.prompts_per_step, seed=cfg.seed)
+    per_rank = cfg.prompts_per_step // world
+    eval_problems = None
+    if cfg.eval_every:
+        import eval as evaluation
+
+        eval_problems = data.tokenize_prompts(ctx["tokenizer"], load_problems(cfg.eval_data, "test", cfg), cfg.max_prompt_tokens)[0][:cfg.eval_size]
+
+    (policy_opt, _), (critic_opt, _) = ctx["optimizers"]
+    checkpoint = (run, ctx["policy"], ctx["critic"], policy_opt, critic_opt, sampler, cfg, rank)
+    start = 0
+    if cfg.resume:
+        start = load_checkpoint(*checkpoint)
+        for _, scheduler in ctx["optimizers"]:  # the schedule is a function of the optimiser step count
+            scheduler.last_epoch = start * cfg.ppo_epochs * cfg.ppo_minibatches - 1
+            scheduler.step()
+    log = RunLog(run, rank == 0, start)
+
+    with rewards.AnswerChecker(cfg.answer_workers, cfg.answer_timeout) as checker:
+        ctx["checker"] = checker
+        bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0, desc="ppo")
+        for step in bar:
+            ro = rollout(cfg, sampler.next_batch()[rank * per_rank:(rank + 1) * per_rank], ctx)
+            metrics = train_on_rollout(cfg, step, ro, ctx)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                ctx["policy"].eval()
+                with models.gathered(ctx["policy"]):
+                    result = evaluation.evaluate(ctx["policy"], ctx["tokenizer"], eval_problems, max_new_tokens=cfg.max_new_tokens,
+                                                 batch_size=cfg.generation_batch_size, checker=checker)
+                metrics["eval/accuracy"] = float(result["accuracy"])
+            log.metrics(step, metrics)
+            if cfg.log_samples_every and step % cfg.log_samples_every == 0:
+                log.samples(step, sample_rows(ro))
+            bar.set_postfix(success=f"{metrics['reward/success']:.2f}", len=f"{metrics['response/length']:.0f}",
+                            steps=f"{metrics['response/steps']:.1f}", kl=f"{metrics['policy/ref_kl']:.3f}")
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                save_checkpoint(*checkpoint, step=step, keep=cfg.keep_checkpoints)
+    models.export_hf(ctx["policy"], ctx["tokenizer"], run / "policy", rank)
+    if rank == 0:
+        print(f"done: metrics in {run / 'metrics.jsonl'}, policy in {run / 'policy'}", file=sys.stderr)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""ppo.py end to end on the `tiny` preset: every reward, resume, export, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import ppo
+import rewards
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def run(cache_dir, out, *flags):
+    ppo.main(["--preset", "tiny", "--cache-dir", cache_dir, "--output-dir", str(out), "--answer-workers", "1", *flags])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("reward", rewards.REWARD_CHOICES)
+def test_every_reward_runs_two_tiny_steps(cache_dir, tmp_path, reward):
+    metrics = run(cache_dir, tmp_path, "--reward", reward, "--steps", "2")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        for key in ("reward/success", "reward/process", "reward/kl", "response/length", "response/steps",
+                    "response/truncated", "loss/policy", "loss/value", "policy/approx_kl", "policy/clip_frac",
+                    "policy/entropy", "value/explained_var", "time/rollout", "time/update", "throughput/tokens_per_s"):
+            assert math.isfinite(m[key]), (reward, key, m[key])
+    # Step 1: the policy is the reference, and the first minibatch is scored by the weights that sampled it.
+    assert metrics[0]["policy/ref_kl"] == 0.0 and metrics[0]["reward/kl"] == 0.0
+    assert metrics[0]["policy/first_ratio_error"] < 1e-5
+    if reward in ("success", "orm"):
+        assert metrics[0]["reward/process"] == 0.0
+    if reward in ("clip", "clip_delta"):
+        assert all(m["reward/process"] <= 0 for m in metrics)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(len(s["step_rewards"]) == len(s["step_scores"]) or reward in ("success", "orm") for s in samples)
+
+
+def test_resume_gives_the_same_metrics_and_export_loads(cache_dir, tmp_path):
+    straight = run(cache_dir, tmp_path / "a", "--steps", "4", "--save-every", "2", "--reward", "clip_delta")
+    run(cache_dir, tmp_path / "b", "--steps", "2", "--save-every", "2", "--reward", "clip_delta")
+    resumed = run(cache_dir, tmp_path / "b", "--steps", "4", "--save-every", "2", "--reward", "clip_delta", "--resume")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        for key in a:
+            if not key.startswith(("time/", "throughput/")):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    # keep-N: the latest checkpoints only, and a pointer to the newest
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step_4"
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "policy")
+    assert exported.num_parameters() > 0
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(cache_dir, tmp_path):
+    run(cache_dir, tmp_path, "--steps", "1", "--reward", "delta")
+    with pytest.raises(SystemExit, match="--beta"):
+        run(cache_dir, tmp_path, "--steps", "2", "--reward", "delta", "--beta", "0.5", "--resume")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--reward", "nonsense"], "--reward: unknown 'nonsense'"),
+    (["--reward", "clip", "--prm", "none"], "--prm is none"),
+    (["--reward", "orm", "--orm", "none"], "--reward orm needs --orm"),
+    (["--prompts-per-step", "3", "--samples-per-prompt", "1", "--ppo-minibatches", "2"], "--ppo-minibatches 2 does not divide"),
+    (["--model", "./no/such/model"], "--model: no such folder"),
+])
+def test_bad_input_is_named_before_any_work(cache_dir, tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        run(cache_dir, tmp_path, *flags)
+
+
+def test_non_finite_loss_stops_with_the_step(cache_dir, tmp_path, monkeypatch):
+    real = ppo.policy_loss
+
+    def broken(*args, **kwargs):
+        loss, clipped = real(*args, **kwargs)
+        return loss * float("nan"), clipped
+
+    monkeypatch.setattr(ppo, "policy_loss", broken)
+    with pytest.raises(RuntimeError, match="step 1: non-finite loss"):
+        run(cache_dir, tmp_path, "--steps", "1")
+
+
+def test_help_lists_every_field_with_its_doc(capsys):
+    with pytest.raises(SystemExit):
+        ppo.parse_config(["--help"])
+    out = capsys.readouterr().out
+    for name in ("--reward", "--alpha", "--eta", "--beta", "--minform-temperature", "--resume", "--preset"):
+        assert name in out
+    assert "ReaLHF" in out and "unpickles" in out
+
+
+def test_preset_fills_fields_and_flags_override():
+    cfg = ppo.parse_config(["--preset", "tiny", "--max-new-tokens", "7"])
+    assert cfg.prompts_per_step == ppo.PRESETS["tiny"]["prompts_per_step"] and cfg.max_new_tokens == 7
+    default = ppo.parse_config([])
+    assert default.model == "Qwen/Qwen2.5-Math-1.5B-Instruct" and default.prm == "peiyi9979/math-shepherd-mistral-7b-prm"
+    assert default.step_delimiter == "\n\n" and not default.trust_remote_code
