@@ -37,6 +37,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,10 @@ from tqdm.auto import tqdm
 import data
 import models
 import rewards
+
+
+# A single-process run saves its checkpoint with torch.distributed.checkpoint too; that is intended.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def arg(default, help: str):
@@ -498,7 +503,7 @@ def load_problems(source: str, split: str, cfg: Config) -> list[dict]:
 
 def load_prm(cfg: Config, device: torch.device, dtype: torch.dtype):
     """The PRM as a callable `prm(questions, steps) -> scores`, or None when the reward does not use one."""
-    if cfg.reward not in rewards.STEP_TRANSFORMS:
+    if cfg.reward not in rewards.STEP_TRANSFORMS or cfg.prm == "none":
         return None
     if ":" in cfg.prm and not Path(cfg.prm).exists():
         module_name, _, function_name = cfg.prm.partition(":")
@@ -638,7 +643,8 @@ def train_on_rollout(cfg: Config, step: int, ro: dict, ctx: dict) -> dict:
     # 3. Rewards on tokens: success (+ alpha * ORM) on the last token, alpha * transformed step scores on the
     #    tokens that end the steps, and the KL penalty on every token.
     step_rewards = rewards.step_rewards(ro["step_scores"], cfg.reward, cfg, cfg.alpha)
-    placed = rewards.place_rewards(ro["sequence_reward"], step_rewards, ro["step_ends"], mask)
+    step_ends = ro["step_ends"] if cfg.reward in rewards.STEP_TRANSFORMS else [[] for _ in step_rewards]
+    placed = rewards.place_rewards(ro["sequence_reward"], step_rewards, step_ends, mask)
     kl = (ro["old_logp"] - ro["ref_logp"]) * mask
     token_rewards = placed - cfg.beta * kl
 

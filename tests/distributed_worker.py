@@ -1,0 +1,116 @@
+"""Worker for tests/test_distributed.py, run under `torch.distributed.run` (or alone as the 1-process reference).
+
+    python tests/distributed_worker.py update ROLLOUT OUT.json --reward prm --cache-dir DIR
+        train_on_rollout on this rank's share of a saved rollout; rank 0 writes metrics and a fingerprint
+        of the updated policy and critic.
+    python tests/distributed_worker.py generate OUT.json --cache-dir DIR
+        generation under FSDP2 vs the same model unsharded, and the all-gathers counted per rollout.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import models  # noqa: E402
+import ppo  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def rank_share(ro: dict, rank: int, world: int) -> dict:
+    """Rows [rank * B / world, (rank + 1) * B / world) of every per-response list and tensor."""
+    B = len(ro["response_ids"])
+    lo, hi = rank * B // world, (rank + 1) * B // world
+    return {k: (v[lo:hi] if isinstance(v, (list, torch.Tensor)) else v) for k, v in ro.items()}
+
+
+def fingerprint(model) -> dict[str, float]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: float(v.double().sum()) for k, v in sorted(state.items())}
+
+
+def update(rollout_path: str, out: str, reward: str, cache_dir: str) -> None:
+    cfg = ppo.parse_config(["--preset", "tiny", "--reward", reward, "--cache-dir", cache_dir, "--ppo-epochs", "2",
+                            "--ppo-minibatches", "1", "--micro-batch-tokens", "64", "--prm", "none"])
+    rank, world, device = ppo.init_distributed()
+    ppo.resolve_local_models(cfg, rank)
+    ctx = ppo.setup(cfg, rank, world, device)
+    ro = rank_share(torch.load(rollout_path, weights_only=True), rank, world)
+    metrics = ppo.train_on_rollout(cfg, 1, ro, ctx)
+    prints = {"policy": fingerprint(ctx["policy"]), "critic": fingerprint(ctx["critic"])}
+    if rank == 0:
+        Path(out).write_text(json.dumps({"metrics": metrics, **prints}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def generate(out: str, cache_dir: str) -> None:
+    rank, world, device = ppo.init_distributed()
+    paths = models.build_tiny(Path(cache_dir) / "tiny") if rank == 0 else None
+    dist.barrier()
+    paths = paths or models.build_tiny(Path(cache_dir) / "tiny")
+    tokenizer = models.load_tokenizer(str(paths["policy"]))
+    plain = models.load_model(str(paths["policy"]))
+    sharded = models.load_model(str(paths["policy"]))
+    models.shard(sharded, trained=True, gpu=False)
+    prompts = [tokenizer.encode(t) for t in ["What is 3 + 4?", "Compute 12 - 5.", "x"]]
+    kwargs = dict(pad_id=tokenizer.pad_token_id, stop_ids=[], temperature=1.0)
+
+    # Count the collectives FSDP2 all-gathers with (its name differs across torch versions).
+    gathers = {"n": 0}
+    originals = {name: getattr(dist, name) for name in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, name)}
+
+    def counting(real):
+        def wrapper(*args, **kw):
+            gathers["n"] += 1
+            return real(*args, **kw)
+        return wrapper
+
+    for name, real in originals.items():
+        setattr(dist, name, counting(real))
+    result = {}
+    for new_tokens in (4, 16):
+        torch.manual_seed(1234 + rank)
+        expected = models.generate(plain, prompts, max_new_tokens=new_tokens, **kwargs)
+        torch.manual_seed(1234 + rank)
+        gathers["n"] = 0
+        with models.gathered(sharded):
+            got = models.generate(sharded, prompts, max_new_tokens=new_tokens, **kwargs)
+        result[f"gathers_{new_tokens}"] = gathers["n"]
+        result[f"same_{new_tokens}"] = got == expected
+        result[f"tokens_{new_tokens}"] = sum(map(len, got))
+    gathers["n"] = 0
+    torch.manual_seed(1234 + rank)
+    models.generate(sharded, prompts, max_new_tokens=16, **kwargs)  # without `gathered`: per token
+    result["gathers_16_plain_generate"] = gathers["n"]
+    for name, real in originals.items():
+        setattr(dist, name, real)
+    every = [None] * world
+    dist.all_gather_object(every, result)
+    if rank == 0:
+        Path(out).write_text(json.dumps(every))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["update", "generate"])
+    parser.add_argument("paths", nargs="+")
+    parser.add_argument("--reward", default="prm")
+    parser.add_argument("--cache-dir", required=True)
+    args = parser.parse_args()
+    if args.command == "update":
+        update(*args.paths, args.reward, args.cache_dir)
+    else:
+        generate(*args.paths, args.cache_dir)

@@ -1,0 +1,115 @@
+"""Distributed runs on CPU: 2 gloo ranks under torch.distributed.run, compared with one process.
+
+Sampling is seeded per rank, so whole runs differ by design; the update is compared on the same saved rollout,
+generation on the same prompts and seed, sharded vs unsharded.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+import ppo
+
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+REPO = WORKER.parent.parent
+
+
+def launch(args: list[str], nproc: int | None, timeout: int = 300) -> None:
+    """Run a script alone (nproc None) or under torch.distributed.run with `nproc` gloo ranks."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    prefix = [sys.executable] if nproc is None else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={nproc}"]
+    done = subprocess.run(prefix + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dist_cache"))
+
+
+@pytest.fixture(scope="module")
+def saved_rollout(cache_dir, tmp_path_factory):
+    """One scored tiny rollout (8 responses with PRM step scores), saved like a checkpoint tensor file."""
+    cfg = ppo.parse_config(["--preset", "tiny", "--cache-dir", cache_dir, "--reward", "prm",
+                            "--samples-per-prompt", "2", "--prompts-per-step", "4", "--max-new-tokens", "24"])
+    ppo.resolve_local_models(cfg, 0)
+    torch.manual_seed(0)
+    ctx = ppo.setup(cfg, 0, 1, torch.device("cpu"))
+    ctx["checker"] = lambda texts, golds: [False] * len(texts)
+    import data
+
+    problems, _ = data.tokenize_prompts(ctx["tokenizer"], data.tiny_problems(seed=0), 256)
+    ro = ppo.rollout(cfg, problems[:4], ctx)
+    ro["success"] = torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0]) * (~ro["truncated"]).float()  # some successes
+    ro["sequence_reward"] = ro["success"].clone()
+    assert any(len(s) > 1 for s in ro["step_scores"])
+    path = tmp_path_factory.mktemp("rollout") / "rollout.pt"
+    torch.save(ro, path)
+    return path
+
+
+@pytest.mark.parametrize("reward", ["prm", "clip_delta"])
+def test_update_with_two_ranks_equals_one_process(saved_rollout, cache_dir, tmp_path, reward):
+    args = ["tests/distributed_worker.py", "update", str(saved_rollout), "{out}", "--reward", reward, "--cache-dir", cache_dir]
+    results = {}
+    for name, nproc in (("single", None), ("two_ranks", 2)):
+        out = tmp_path / f"{name}.json"
+        launch([a.format(out=out) for a in args], nproc)
+        results[name] = json.loads(out.read_text())
+    single, double = results["single"], results["two_ranks"]
+    # Tolerance: the same sums in a different order (micro-batches, ranks) in fp32.
+    for key in ("loss/policy", "loss/value", "policy/grad_norm", "value/grad_norm", "reward/process",
+                "reward/total", "policy/clip_frac", "policy/approx_kl"):
+        assert double["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), key
+    assert single["metrics"]["loss/policy"] != 0.0 and single["metrics"]["policy/grad_norm"] > 0
+    for model in ("policy", "critic"):
+        assert double[model].keys() == single[model].keys()
+        for key in single[model]:
+            assert double[model][key] == pytest.approx(single[model][key], rel=1e-5, abs=1e-5), (model, key)
+
+
+def test_generation_under_fsdp_matches_unsharded_with_one_all_gather_per_rollout(cache_dir, tmp_path):
+    out = tmp_path / "generate.json"
+    launch(["tests/distributed_worker.py", "generate", str(out), "--cache-dir", cache_dir], 2)
+    for rank_result in json.loads(out.read_text()):
+        assert rank_result["same_4"] and rank_result["same_16"]
+        assert rank_result["tokens_16"] > rank_result["tokens_4"]
+        # One all-gather per FSDP module (2 decoder layers + root), however many tokens are generated...
+        assert rank_result["gathers_4"] == rank_result["gathers_16"] == 3
+        # ...while plain generate on the sharded model gathers at every token.
+        assert rank_result["gathers_16_plain_generate"] > 16
+
+
+def test_two_rank_run_resumes_with_the_same_metrics_and_exports_the_sharded_weights(cache_dir, tmp_path):
+    common = ["ppo.py", "--preset", "tiny", "--cache-dir", cache_dir, "--reward", "clip_delta", "--answer-workers", "1",
+              "--save-every", "2"]
+    launch(common + ["--output-dir", str(tmp_path / "a"), "--steps", "4"], 2)
+    launch(common + ["--output-dir", str(tmp_path / "b"), "--steps", "2"], 2)
+    launch(common + ["--output-dir", str(tmp_path / "b"), "--steps", "4", "--resume"], 2)
+    straight, resumed = ([json.loads(l) for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        for key in a:
+            if not key.startswith(("time/", "throughput/")):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+    # The HF export equals the policy in the last sharded checkpoint.
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "policy")
+    fresh = models.load_model(str(tmp_path / "a" / "policy"))
+    state = {"policy": {k: torch.zeros_like(v) for k, v in fresh.state_dict().items()}}
+    dcp.load(state, checkpoint_id=str(tmp_path / "a" / "checkpoints" / "step_4"), no_dist=True)
+    for key, value in exported.state_dict().items():
+        assert torch.equal(value, state["policy"][key]), key
+    # A checkpoint from 2 ranks does not resume under 1.
+    with pytest.raises(SystemExit, match="different number of ranks"):
+        ppo.main(common[1:] + ["--output-dir", str(tmp_path / "a"), "--steps", "5", "--resume"])
