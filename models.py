@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 # -------------------------------------------------------------------------------------------------
@@ -330,8 +331,21 @@ def default_cache_dir() -> Path:
 
 
 # -------------------------------------------------------------------------------------------------
-# FSDP2 sharding, generation with gathered weights, HF export
+# torch.distributed, FSDP2 sharding, generation with gathered weights, HF export
 # -------------------------------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: NCCL on GPU, gloo on CPU; alone: rank 0 of 1."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
 
 
 def shard(model: nn.Module, *, trained: bool, gpu: bool) -> None:
@@ -357,10 +371,11 @@ class gathered:
     module. A no-op for a model that is not sharded.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module | None):
         from torch.distributed.fsdp import FSDPModule
 
-        self.modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        modules = model.modules() if isinstance(model, nn.Module) else []  # e.g. a rule-based PRM: nothing to do
+        self.modules = [m for m in modules if isinstance(m, FSDPModule)]
 
     def __enter__(self):
         for module in self.modules:

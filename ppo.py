@@ -26,19 +26,17 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import importlib
 import json
-import math
 import os
 import random
 import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,17 +45,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import data
+import eval as evaluation
 import models
 import rewards
+from eval import arg
 
 
 # A single-process run saves its checkpoint with torch.distributed.checkpoint too; that is intended.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-
-def arg(default, help: str):
-    """A config field whose one-line help is the `--help` text."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -81,6 +76,9 @@ class Config:
     eval_data: str | None = arg(None, "evaluation problems for --eval-every (same syntax as --train-data)")
     eval_every: int = arg(0, "evaluate greedy accuracy every N steps on --eval-size problems of --eval-data (0: never)")
     eval_size: int = arg(128, "how many --eval-data problems (a fixed subset) --eval-every uses")
+    problem_field: str = arg("problem", "problem field of local data files")
+    answer_field: str = arg("answer", "gold answer field of local data files ('#### N' and \\boxed{} in it are read out)")
+    skip_bad_rows: bool = arg(False, "skip (and count) data rows without a problem or gold answer instead of failing")
     max_prompt_tokens: int = arg(1024, "prompts longer than this are dropped (and counted) at load time")
     # --- rollout ---
     prompts_per_step: int = arg(64, "problems per PPO step, over all ranks")
@@ -142,18 +140,12 @@ RESUMABLE_FIELDS = {"steps", "resume", "save_every", "keep_checkpoints", "log_sa
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """argparse built from the dataclass: one flag per field, help = the field's doc, preset as defaults."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            choices = list(PRESETS) if f.name == "preset" else None
-            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=f.metadata["help"])
+    """One flag per Config field (help = the field's doc); a preset's values become the defaults."""
+    parser = evaluation.config_parser(Config, __doc__.split("\n\n")[0])
     preset = parser.parse_known_args(argv)[0].preset
     if preset is not None:
+        if preset not in PRESETS:
+            parser.error(f"--preset: unknown '{preset}'; choose one of {', '.join(PRESETS)}")
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
     if args.step_delimiter:
@@ -187,19 +179,6 @@ def validate(cfg: Config, world_size: int) -> None:
 # -------------------------------------------------------------------------------------------------
 # Distributed helpers (no-ops in a single process)
 # -------------------------------------------------------------------------------------------------
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: NCCL on GPU, gloo on CPU."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -257,16 +236,18 @@ def response_logprobs(model, batch: dict, temperature: float, with_entropy: bool
     """Log-probs of the response tokens under `model`, temperature-scaled: -> [n, R] (and entropy [n, R]).
 
     The batch is laid out [left-padded prompt (P columns) | right-padded response (R columns)]. Logits at
-    position t predict token t+1, so response token i is scored by the logits at column P-1+i: the last
-    R+1 columns of logits, minus the very last. Example, P=3, R=2:
+    position t predict token t+1, so response token i is scored by the logits at column P-1+i, i.e. columns
+    P-1 .. P+R-2. Example, P=3, R=2:
         columns   0    1    2    3    4
         tokens    pad  q1   q2   a1   a2
-        logits at column 2 score a1, column 3 scores a2 (column 4 predicts past the end).
+        logits at column 2 score a1, column 3 scores a2 (column 4 would predict past the end).
     """
     n, width = batch["input_ids"].shape
     R = batch["response_ids"].shape[1]
+    # Only the R columns that score response tokens go through the LM head (no [n, width, vocab] tensor).
+    columns = torch.arange(width - R - 1, width - 1, device=batch["input_ids"].device)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], use_cache=False, logits_to_keep=R + 1).logits[:, :-1]
+                   position_ids=batch["position_ids"], use_cache=False, logits_to_keep=columns).logits
     flat = logits.reshape(n * R, -1)
     logp = token_logprobs(flat, batch["response_ids"].reshape(-1), temperature).view(n, R)
     if not with_entropy:
@@ -497,8 +478,9 @@ def load_problems(source: str, split: str, cfg: Config) -> list[dict]:
     if source == "toy":
         import toy
 
-        return toy.problems(5000 if split == "train" else 200, seed=cfg.seed if split == "train" else cfg.seed + 10_000)
-    return data.load_problems(source, split)
+        return toy.problems(5000 if split == "train" else 200, seed=cfg.seed, split=split)
+    return data.load_problems(source, split, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
+                              skip_bad_rows=cfg.skip_bad_rows)
 
 
 def load_prm(cfg: Config, device: torch.device, dtype: torch.dtype):
@@ -624,12 +606,16 @@ def rollout(cfg: Config, batch: list[dict], ctx: dict) -> dict:
     ro["success"] = (ro["correct"] & ~ro["truncated"]).float()  # a truncated response never succeeds
     ro["steps"] = [rewards.split_steps(t, cfg.step_delimiter) for t in texts]
     ro["step_ends"] = [rewards.step_end_indices(r, tokenizer, cfg.step_delimiter) for r in response_ids]
+    # A sharded PRM/ORM is gathered once for the whole batch: its forwards then need no collectives, so ranks
+    # may run different numbers of them (the adapters skip responses without steps).
     ro["step_scores"] = [[] for _ in range(B)]
     if ctx["prm"] is not None:
-        ro["step_scores"] = ctx["prm"]([p["problem"] for p in problems], ro["steps"])
+        with models.gathered(getattr(ctx["prm"], "model", None)):
+            ro["step_scores"] = ctx["prm"]([p["problem"] for p in problems], ro["steps"])
     ro["sequence_reward"] = ro["success"].clone()
     if ctx["orm"] is not None:
-        ro["sequence_reward"] += cfg.alpha * torch.tensor(ctx["orm"]([p["problem"] for p in problems], texts))
+        with models.gathered(ctx["orm"].model):
+            ro["sequence_reward"] += cfg.alpha * torch.tensor(ctx["orm"]([p["problem"] for p in problems], texts))
     ro["time"] = {"time/rollout": t1 - t0, "time/score": timer() - t1}
     return ro
 
@@ -777,7 +763,7 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
-    rank, world, device = init_distributed()
+    rank, world, device = models.init_distributed()
     validate(cfg, world)
     from transformers.utils import logging as hf_logging
 
@@ -799,9 +785,7 @@ def main(argv: list[str] | None = None) -> None:
     per_rank = cfg.prompts_per_step // world
     eval_problems = None
     if cfg.eval_every:
-        import eval as evaluation
-
-        eval_problems = data.tokenize_prompts(ctx["tokenizer"], load_problems(cfg.eval_data, "test", cfg), cfg.max_prompt_tokens)[0][:cfg.eval_size]
+        eval_problems = load_problems(cfg.eval_data, "test", cfg)[:cfg.eval_size]
 
     (policy_opt, _), (critic_opt, _) = ctx["optimizers"]
     checkpoint = (run, ctx["policy"], ctx["critic"], policy_opt, critic_opt, sampler, cfg, rank)

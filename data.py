@@ -1,0 +1,354 @@
+"""Math problems with gold answers: the hub datasets, local files, prompt formatting, and a resumable order.
+
+Every source ends up as the same row: `{"problem": str, "answer": str, "source": str}` plus `"subject"` and
+`"level"` where the data has them. `answer` is the gold final answer (what `\\boxed{}` should contain), not a
+worked solution:
+
+    source         hub dataset (config)                        problem    gold answer
+    gsm8k          openai/gsm8k (main)                         question   the number after "####", commas removed
+    math           EleutherAI/hendrycks_math (7 subjects)      problem    the last \\boxed{} of `solution`
+    math500        HuggingFaceH4/MATH-500 (test split only)    problem    `answer`
+    a local file   .jsonl / .json (a list of rows) / .parquet  configurable field names (default problem / answer)
+
+A value may mix sources: `load_problems("math,gsm8k", "train")`. The hub path and the local path share the
+row parser, and a named source is just an entry of `SOURCES`: pointing its `hub_id` at a local folder in the
+same layout (a dataset card with `configs:`, as on the hub) loads that folder through the same
+`datasets.load_dataset` call; the tests do exactly this with the folders in `tests/fixtures/`.
+
+`datasets` is imported only when a named source is loaded: local files need nothing beyond the standard
+library (and `pyarrow` for .parquet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rewards import extract_boxed
+
+logger = logging.getLogger(__name__)
+
+# The system prompt of Qwen2.5-Math-Instruct for chain-of-thought answers (its model card and evaluation use it).
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+# For tokenizers without a chat template (base models): the same instruction in plain text.
+PLAIN_TEMPLATE = "Problem: {problem}\n\n{instruction}\n\nSolution:\n"
+
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where a named source lives on the hub and how its rows read.
+
+    answer_style: "gsm8k" (gold = the number after "####"), "boxed" (gold = the last \\boxed{} of the field)
+    or "plain" (gold = the field itself). A row whose gold cannot be read that way is a bad row.
+    """
+
+    hub_id: str
+    configs: tuple[str | None, ...]  # None: the dataset's only config
+    splits: tuple[str, ...]
+    problem_field: str
+    answer_field: str
+    answer_style: str
+
+
+SOURCES: dict[str, HubSource] = {
+    "gsm8k": HubSource("openai/gsm8k", ("main",), ("train", "test"), "question", "answer", "gsm8k"),
+    "math": HubSource("EleutherAI/hendrycks_math", MATH_SUBJECTS, ("train", "test"), "problem", "solution", "boxed"),
+    "math500": HubSource("HuggingFaceH4/MATH-500", (None,), ("test",), "problem", "answer", "plain"),
+}
+
+
+class ProblemList(list):
+    """A plain list of problem rows that also remembers how many bad rows were skipped to build it."""
+
+    def __init__(self, rows=()):
+        super().__init__(rows)
+        self.skipped = 0
+
+
+# -------------------------------------------------------------------------------------------------
+# Loading
+# -------------------------------------------------------------------------------------------------
+
+
+def load_problems(
+    source: str,
+    split: str = "train",
+    *,
+    problem_field: str = "problem",
+    answer_field: str = "answer",
+    skip_bad_rows: bool = False,
+) -> ProblemList:
+    """Problems from a comma-separated mix of named sources (`SOURCES`) and local files, in the order given.
+
+    `split` selects the split of named sources (a local file is one split, so it ignores it).
+    `problem_field` / `answer_field` name the columns of local files; named sources know their own. In a
+    local file, an answer containing "####" is read the GSM8K way, one containing \\boxed{} as a MATH
+    solution, anything else as the gold answer itself; so raw GSM8K or MATH files load with the right field
+    names (e.g. `problem_field="question"`, or `answer_field="solution"`).
+
+    A row without a problem or a gold answer raises ValueError naming the file (or hub dataset) and the row;
+    with `skip_bad_rows=True` it is skipped, and the count is logged and kept in `.skipped` of the result.
+    """
+    names = [part.strip() for part in source.split(",")]
+    # Check every name before loading anything: a typo in the last one should not wait for a hub download.
+    for name in names:
+        if name in SOURCES:
+            if split not in SOURCES[name].splits:
+                raise ValueError(f"data source '{name}' ({SOURCES[name].hub_id}) has no split '{split}'; "
+                                 f"it has {', '.join(SOURCES[name].splits)}")
+        elif name.endswith(LOCAL_SUFFIXES):
+            if not Path(name).is_file():
+                raise FileNotFoundError(f"data source '{name}': no such file")
+        else:
+            raise ValueError(f"data source '{name}' (in '{source}'): not a named source ({', '.join(SOURCES)}) "
+                             f"nor a local {' / '.join(LOCAL_SUFFIXES)} file")
+
+    problems = ProblemList()
+    for name in names:
+        if name in SOURCES:
+            rows = _hub_rows(name, SOURCES[name], split)
+        else:
+            rows = _local_rows(Path(name), problem_field, answer_field)
+        skipped_here, loaded_here, first_bad = 0, 0, None
+        for where, row, fields in rows:
+            try:
+                problems.append(parse_row(row, *fields, source=name))
+                loaded_here += 1
+            except ValueError as err:
+                if not skip_bad_rows:
+                    raise ValueError(f"{where}: {err} (pass skip_bad_rows / --skip-bad-rows to skip such rows)") from None
+                skipped_here += 1
+                first_bad = first_bad or f"{where}: {err}"
+        if skipped_here:
+            logger.warning("data source '%s': skipped %d bad rows without a problem or a gold answer; the first: %s",
+                           name, skipped_here, first_bad)
+        if not loaded_here:
+            raise ValueError(f"data source '{name}' (split '{split}'): no usable problems")
+        problems.skipped += skipped_here
+    return problems
+
+
+def parse_row(row, problem_field: str, answer_field: str, answer_style: str, *, source: str) -> dict:
+    """One raw row -> {"problem", "answer", "source", ["subject"], ["level"]}; ValueError says what is missing.
+
+    Subject comes from a `subject` field (MATH-500) or a `type` field (hendrycks MATH); level from `level`,
+    where "Level 3" and 3 both become the int 3 (a few MATH rows say "Level ?": kept as the string "?").
+    """
+    if not isinstance(row, dict):
+        raise ValueError(f"not an object with fields: {str(row)[:60]!r}")
+    problem = row.get(problem_field)
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError(f"no problem (field '{problem_field}' is {'missing or null' if problem is None else repr(problem)[:40]})")
+    raw = row.get(answer_field)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        raise ValueError(f"no gold answer (field '{answer_field}' is {'missing or null' if raw is None else 'empty'})")
+    raw = str(raw)
+    if answer_style == "auto":
+        answer_style = "gsm8k" if "####" in raw else "boxed" if "\\boxed" in raw else "plain"
+    if answer_style == "gsm8k":
+        if "####" not in raw:
+            raise ValueError(f"no gold answer (field '{answer_field}' has no '#### N' line)")
+        answer = raw.rsplit("####", 1)[1].strip().replace(",", "")
+    elif answer_style == "boxed":
+        answer = extract_boxed(raw)
+        if answer is None:
+            raise ValueError(f"no gold answer (field '{answer_field}' has no complete \\boxed{{...}})")
+        answer = answer.strip()
+    else:
+        answer = raw.strip()
+    if not answer:
+        raise ValueError(f"no gold answer (field '{answer_field}' gives an empty answer)")
+
+    out = {"problem": problem, "answer": answer, "source": source}
+    subject = row.get("subject", row.get("type"))
+    if subject:
+        out["subject"] = str(subject)
+    level = row.get("level")
+    if level is not None and level != "":
+        text = str(level).removeprefix("Level ").strip()
+        out["level"] = int(text) if text.isdigit() else text
+    return out
+
+
+def _hub_rows(name: str, spec: HubSource, split: str):
+    """Yield (where, row, parser fields) for every row of a named source's split, over all its configs."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(f"data source '{name}' needs the `datasets` package (pip install datasets); "
+                          "local .jsonl / .json / .parquet files do not") from err
+    # datasets caches a local folder under its base name and does not notice edited files, so two fixture
+    # folders both called "gsm8k", or a folder changed since the last run, would read stale rows: a local
+    # folder gets a fresh throw-away cache. Hub datasets use the normal cache (keyed by hub revision).
+    local_folder = Path(spec.hub_id).is_dir()
+    for config in spec.configs:
+        label = f"{spec.hub_id}" + (f" (config {config}, split {split})" if config else f" (split {split})")
+        with tempfile.TemporaryDirectory() if local_folder else contextlib.nullcontext() as cache_dir:
+            try:
+                rows = datasets.load_dataset(spec.hub_id, config, split=split, cache_dir=cache_dir).to_list()
+            except Exception as err:  # network, auth, missing config: all reported the same way
+                raise RuntimeError(
+                    f"data source '{name}': could not load {label} ({type(err).__name__}: {err}). "
+                    "Without hub access, pass local .jsonl / .json / .parquet files instead."
+                ) from err
+        for index, row in enumerate(rows):
+            yield f"{label} row {index}", row, (spec.problem_field, spec.answer_field, spec.answer_style)
+
+
+def _local_rows(path: Path, problem_field: str, answer_field: str):
+    """Yield (where, row, parser fields) for every row of a local .jsonl / .json / .parquet file.
+
+    Blank lines of a .jsonl file are not rows; a line that is not valid JSON is a bad row.
+    """
+    fields = (problem_field, answer_field, "auto")
+    if path.suffix == ".jsonl":
+        index = 0
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = line.strip()  # parse_row reports the text as not an object
+                yield f"{path} row {index} (line {line_no})", row, fields
+                index += 1
+    elif path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err}); JSON lines belong in a .jsonl file") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a .json data file must hold a list of rows, got {type(rows).__name__}")
+        for index, row in enumerate(rows):
+            yield f"{path} row {index}", row, fields
+    else:
+        try:
+            import pyarrow.parquet
+        except ImportError as err:
+            raise ImportError(f"data source '{path}': reading .parquet needs pyarrow (pip install pyarrow)") from err
+        for index, row in enumerate(pyarrow.parquet.read_table(path).to_pylist()):
+            yield f"{path} row {index}", row, fields
+
+
+def tiny_problems(n: int = 32, seed: int = 0) -> list[dict]:
+    """`n` one-operation arithmetic problems made in code, for the `tiny` preset and smoke tests.
+
+    Example row: {"problem": "What is 7 + 5?", "answer": "12", "source": "tiny"}. Same (n, seed), same list.
+    """
+    rng = random.Random(f"tiny-{seed}")
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        op = rng.choice("+-*")
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        out.append({"problem": f"What is {a} {op} {b}?", "answer": str(value), "source": "tiny"})
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Prompts
+# -------------------------------------------------------------------------------------------------
+
+
+def format_prompt(tokenizer, problem: str) -> str:
+    """The prompt text: the tokenizer's chat template with Qwen2.5-Math's system prompt, ending where the
+    assistant's answer begins; `PLAIN_TEMPLATE` for tokenizers without a chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": problem}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return PLAIN_TEMPLATE.format(problem=problem, instruction=SYSTEM_PROMPT)
+
+
+def tokenize_prompts(tokenizer, problems: list[dict], max_prompt_tokens: int | None = None) -> tuple[list[dict], int]:
+    """Format and tokenize every problem; drop those whose prompt is longer than `max_prompt_tokens`.
+
+    Returns (kept, n_dropped): `kept` are copies of the problem rows with `"prompt"` (text) and `"prompt_ids"`
+    (list of ints) added, in the input order. A chat template already writes every special token the model
+    needs (e.g. a BOS), so prompts from one are encoded without adding special tokens; plain-template prompts
+    get the tokenizer's usual ones.
+    """
+    if not problems:
+        return [], 0
+    texts = [format_prompt(tokenizer, p["problem"]) for p in problems]
+    with_specials = not getattr(tokenizer, "chat_template", None)
+    ids = tokenizer(texts, add_special_tokens=with_specials)["input_ids"]
+    kept = [
+        {**p, "prompt": text, "prompt_ids": list(prompt_ids)}
+        for p, text, prompt_ids in zip(problems, texts, ids)
+        if max_prompt_tokens is None or len(prompt_ids) <= max_prompt_tokens
+    ]
+    n_dropped = len(problems) - len(kept)
+    if n_dropped:
+        logger.warning("dropped %d of %d prompts longer than %d tokens", n_dropped, len(problems), max_prompt_tokens)
+    return kept, n_dropped
+
+
+# -------------------------------------------------------------------------------------------------
+# Order
+# -------------------------------------------------------------------------------------------------
+
+
+class PromptSampler:
+    """Batches of problems in a shuffled order fixed by the seed; every epoch is a fresh permutation.
+
+    Every problem is drawn once per epoch; a batch that reaches the end of an epoch is completed from the
+    next one. The position (`state_dict`, JSON-serialisable) is all a checkpoint needs to resume the exact
+    order. Example: 5 problems, batch 2 -> [a, b], [c, d], [e | f'] where f' starts the second permutation.
+    """
+
+    def __init__(self, problems: list[dict], batch_size: int, seed: int):
+        if not problems:
+            raise ValueError("PromptSampler: no problems")
+        if batch_size < 1:
+            raise ValueError(f"PromptSampler: batch_size must be >= 1, got {batch_size}")
+        self.problems, self.batch_size, self.seed = problems, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        # A string seed is hashed with SHA-512 by `random`, so the order is the same on every Python version
+        # and (seed, epoch) pairs never collide the way seed + epoch would.
+        order = list(range(len(self.problems)))
+        random.Random(f"prompt-order-{self.seed}-{epoch}").shuffle(order)
+        return order
+
+    def next_batch(self) -> list[dict]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            batch.append(self.problems[self._order[self.position]])
+            self.position += 1
+        return batch
+
+    def _fingerprint(self) -> str:
+        """A short hash of the problem texts, so a checkpoint cannot silently resume over other data."""
+        digest = hashlib.sha256()
+        for p in self.problems:
+            digest.update(p["problem"].encode("utf-8") + b"\0")
+        return digest.hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_problems": len(self.problems), "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "num_problems", "fingerprint"):
+            if state[key] != mine[key]:
+                raise ValueError(f"PromptSampler.load_state_dict: the checkpoint's data order was made with "
+                                 f"{key} {state[key]!r}, this run has {mine[key]!r} (different data or seed)")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)
