@@ -155,8 +155,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 def validate(cfg: Config, world_size: int) -> None:
     """Fail before any model is loaded, naming the flag."""
-    if cfg.reward not in rewards.REWARD_CHOICES:
-        raise SystemExit(f"--reward: unknown '{cfg.reward}'; choose one of {', '.join(rewards.REWARD_CHOICES)}")
+    choices = ["success", "orm", *rewards.STEP_TRANSFORMS]  # read now: a transform registered later counts too
+    if cfg.reward not in choices:
+        raise SystemExit(f"--reward: unknown '{cfg.reward}'; choose one of {', '.join(choices)}")
     if cfg.reward in rewards.STEP_TRANSFORMS and cfg.prm == "none":
         raise SystemExit(f"--reward {cfg.reward} needs a process reward model, but --prm is none")
     if cfg.reward == "orm" and cfg.orm == "none":
@@ -513,6 +514,8 @@ def load_orm(cfg: Config, device: torch.device, dtype: torch.dtype):
     tokenizer = models.load_tokenizer(cfg.orm, "--orm", cfg.trust_remote_code)
     model = models.load_model(cfg.orm, "AutoModelForSequenceClassification", flag="--orm", dtype=dtype,
                               device=device, trust_remote_code=cfg.trust_remote_code)
+    if model.config.pad_token_id is None:  # sequence classifiers find each row's last token through it
+        model.config.pad_token_id = tokenizer.pad_token_id
     return rewards.SequenceORM(model.requires_grad_(False), tokenizer)
 
 

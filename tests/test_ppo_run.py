@@ -101,3 +101,16 @@ def test_preset_fills_fields_and_flags_override():
     default = ppo.parse_config([])
     assert default.model == "Qwen/Qwen2.5-Math-1.5B-Instruct" and default.prm == "peiyi9979/math-shepherd-mistral-7b-prm"
     assert default.step_delimiter == "\n\n" and not default.trust_remote_code
+
+
+def test_eval_every_logs_greedy_accuracy(cache_dir, tmp_path):
+    metrics = run(cache_dir, tmp_path, "--steps", "2", "--eval-every", "2", "--eval-size", "3")
+    assert "eval/accuracy" not in metrics[0]
+    assert 0.0 <= metrics[1]["eval/accuracy"] <= 1.0
+
+
+def test_a_transform_registered_at_run_time_is_a_reward_choice(cache_dir, tmp_path, monkeypatch):
+    """The README's "add your own transform": one dict entry, and --reward accepts it."""
+    monkeypatch.setitem(rewards.STEP_TRANSFORMS, "threshold", lambda scores, cfg: (scores > cfg.eta).float() - 1.0)
+    metrics = run(cache_dir, tmp_path, "--reward", "threshold", "--steps", "1")
+    assert metrics[0]["reward/process"] <= 0
