@@ -376,6 +376,7 @@ class gathered:
 
         modules = model.modules() if isinstance(model, nn.Module) else []  # e.g. a rule-based PRM: nothing to do
         self.modules = [m for m in modules if isinstance(m, FSDPModule)]
+        self.root = model
 
     def __enter__(self):
         for module in self.modules:
@@ -387,7 +388,8 @@ class gathered:
     def __exit__(self, *exc):
         for module in self.modules:
             module.reshard()
-            module.set_reshard_after_forward(True, recurse=False)
+            # FSDP2's defaults: layers reshard after forward, the root keeps its (small) parameters for backward.
+            module.set_reshard_after_forward(module is not self.root, recurse=False)
         return False
 
 

@@ -70,7 +70,7 @@ class Config:
     prm_format: str = arg("step_tag", "PRM input format: step_tag (Math-Shepherd) or token_classifier (Qwen2.5-Math-PRM, needs --trust-remote-code)")
     orm: str = arg("none", "outcome reward model (sequence classifier, sigmoid score) for --reward orm: hub id, folder, or none")
     trust_remote_code: bool = arg(False, "allow model code from the hub (Qwen2.5-Math-PRM needs it); never set by a preset")
-    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass of policy and critic (less memory, ~30%% slower)")
+    gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass of policy and critic (less memory, ~30%% slower)")
     # --- data ---
     train_data: str = arg("math", "training problems: named sources (math, gsm8k, math500), local .jsonl/.json/.parquet, comma-separated")
     eval_data: str | None = arg(None, "evaluation problems for --eval-every (same syntax as --train-data)")
@@ -102,7 +102,7 @@ class Config:
     value_clip: float = arg(0.2, "value clip around the rollout's values (ReaLHF's default)")
     ppo_epochs: int = arg(1, "passes over each rollout")
     ppo_minibatches: int = arg(4, "optimiser steps per epoch; the rollout is shuffled and split into this many (ReaLHF's default)")
-    micro_batch_tokens: int = arg(16384, "token budget of one forward/backward micro-batch (padded tokens counted)")
+    micro_batch_tokens: int = arg(8192, "token budget of one forward/backward micro-batch (padded tokens counted)")
     policy_lr: float = arg(1e-6, "policy learning rate (ours: common for 1.5B-7B PPO, e.g. OpenRLHF's examples)")
     critic_lr: float = arg(1e-5, "critic learning rate (ours: the fresh value head must move faster than the policy)")
     warmup_steps: int = arg(10, "optimiser steps of linear learning-rate warm-up, then constant")
@@ -119,24 +119,23 @@ PRESETS: dict[str, dict] = {
     "qwen2.5-math-1.5b": dict(model="Qwen/Qwen2.5-Math-1.5B-Instruct", prm="peiyi9979/math-shepherd-mistral-7b-prm",
                               prm_format="step_tag", max_new_tokens=1024),
     "qwen2.5-math-7b": dict(model="Qwen/Qwen2.5-Math-7B-Instruct", prm="peiyi9979/math-shepherd-mistral-7b-prm",
-                            prm_format="step_tag", max_new_tokens=1024, gradient_checkpointing=True,
-                            micro_batch_tokens=8192, generation_batch_size=32),
+                            prm_format="step_tag", max_new_tokens=1024, generation_batch_size=32),
     # Tiny random models built locally (models.build_tiny): a smoke test, not for learning.
     "tiny": dict(model="tiny", prm="tiny", prm_format="step_tag", orm="tiny", train_data="tiny", eval_data="tiny",
                  prompts_per_step=4, samples_per_prompt=2, max_new_tokens=16, ppo_minibatches=2,
-                 micro_batch_tokens=256, steps=4, policy_lr=1e-4, critic_lr=1e-4, warmup_steps=0,
+                 micro_batch_tokens=256, gradient_checkpointing=False, steps=4, policy_lr=1e-4, critic_lr=1e-4, warmup_steps=0,
                  log_samples_every=1, output_dir="runs/tiny", max_prompt_tokens=256),
     # The CPU toy world (toy.py): a step verifier as PRM, a warm-started character-level policy.
     "toy": dict(model="toy", prm="toy:step_verifier", train_data="toy", eval_data="toy", prompts_per_step=16,
                 samples_per_prompt=4, max_new_tokens=64, temperature=1.0, ppo_epochs=2, ppo_minibatches=2,
                 policy_lr=3e-5, critic_lr=1e-4, warmup_steps=0, beta=0.02, alpha=1.0, eta=0.5, steps=120,
-                micro_batch_tokens=4096, log_samples_every=10, output_dir="runs/toy", max_prompt_tokens=64),
+                micro_batch_tokens=4096, gradient_checkpointing=False, log_samples_every=10, output_dir="runs/toy", max_prompt_tokens=64),
 }
 
 # Fields that may change between a checkpoint and its resumed run; any other difference is a config error.
 RESUMABLE_FIELDS = {"steps", "resume", "save_every", "keep_checkpoints", "log_samples_every", "eval_every",
                     "eval_size", "eval_data", "answer_workers", "answer_timeout", "cache_dir", "output_dir",
-                    "generation_batch_size", "micro_batch_tokens"}
+                    "generation_batch_size", "micro_batch_tokens", "gradient_checkpointing"}
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -175,6 +174,11 @@ def validate(cfg: Config, world_size: int) -> None:
             raise SystemExit(f"{flag}: no such folder '{value}'")
     if cfg.eval_every and not cfg.eval_data:
         raise SystemExit("--eval-every needs --eval-data")
+    if cfg.keep_checkpoints < 1:
+        raise SystemExit(f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    if not cfg.resume and (Path(cfg.output_dir) / "checkpoints" / "latest").exists():
+        raise SystemExit(f"--output-dir {cfg.output_dir} holds another run's checkpoints: pass --resume to continue "
+                         "it, or choose a new --output-dir")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -182,18 +186,17 @@ def validate(cfg: Config, world_size: int) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Sum (or `op`) over ranks, on the device the backend needs (NCCL: the GPU); returns x's device."""
+    if not dist.is_initialized():
+        return x
+    y = x.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(y, op=op)
+    return y.to(x.device)
 
 
 def all_reduce_max(n: int) -> int:
-    if not dist.is_initialized():
-        return n
-    t = torch.tensor([n], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(all_reduce(torch.tensor([n]), op=dist.ReduceOp.MAX).item())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -288,7 +291,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the valid tokens of all ranks; 0 off the mask. x, mask: [B, T]."""
-    stats = all_reduce_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double())
+    stats = all_reduce(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double())
     mean = stats[0] / stats[2]
     var = (stats[1] / stats[2] - mean * mean).clamp_min(0)
     return ((x - mean) * torch.rsqrt(var + eps)).to(x.dtype) * mask
@@ -402,13 +405,16 @@ def save_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, 
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps({"step": step, "sampler": sampler.state_dict(),
                                                     "config": dataclasses.asdict(cfg)}, indent=1))
+        latest = root / "latest"
+        if final.exists() and not (latest.exists() and latest.read_text().strip() == final.name):
+            shutil.rmtree(final)  # left by a kill between the rename and the pointer update: never pointed to
         os.replace(tmp, final)
         pointer = root / "latest.tmp"
         pointer.write_text(final.name)
-        os.replace(pointer, root / "latest")
-        for old in sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1].split(".")[0]))[:-keep]:
-            if not old.name.endswith(".tmp"):
-                shutil.rmtree(old)
+        os.replace(pointer, latest)
+        complete = [d for d in root.glob("step_*") if not d.name.endswith(".tmp")]
+        for old in sorted(complete, key=lambda d: int(d.name.removeprefix("step_")))[:-keep]:
+            shutil.rmtree(old)
     barrier()
 
 
@@ -580,7 +586,7 @@ def rollout(cfg: Config, batch: list[dict], ctx: dict) -> dict:
     prompt_ids = [p["prompt_ids"] for p in problems]
     policy.eval()
     response_ids: list[list[int]] = []
-    with models.gathered(policy):
+    with models.gathered(policy), ctx["autocast"]():
         for start in range(0, len(prompt_ids), cfg.generation_batch_size):
             response_ids += models.generate(policy, prompt_ids[start:start + cfg.generation_batch_size],
                                             pad_id=tokenizer.pad_token_id, stop_ids=ctx["stop_ids"],
@@ -649,7 +655,9 @@ def train_on_rollout(cfg: Config, step: int, ro: dict, ctx: dict) -> dict:
     critic.train()
     B = mask.shape[0]
     prompt_lens, response_lens = [len(p) for p in ro["prompt_ids"]], [len(r) for r in ro["response_ids"]]
-    stats = torch.zeros(7, dtype=torch.float64)  # policy loss, value loss, clipped, approx kl, entropy, tokens, minibatches
+    # Sums over this rank's valid tokens (and optimiser steps), reduced over ranks for the metrics below.
+    sums = dict.fromkeys(["policy_loss", "value_loss", "clipped", "approx_kl", "ratio", "entropy", "tokens",
+                          "policy_grad_norm", "value_grad_norm", "optimizer_steps"], 0.0)
     first_ratio_error = None
     shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + ctx["rank"])
     minibatch_size = B // cfg.ppo_minibatches
@@ -657,67 +665,82 @@ def train_on_rollout(cfg: Config, step: int, ro: dict, ctx: dict) -> dict:
         order = torch.randperm(B, generator=shuffle).tolist()
         for m in range(cfg.ppo_minibatches):
             idx = order[m * minibatch_size:(m + 1) * minibatch_size]
-            num_tokens = all_reduce_sum(mask[idx].sum().to(device)).item()
+            num_tokens = all_reduce(mask[idx].sum()).item()
             for micro, weight in equalise(micro_batches(idx, prompt_lens, response_lens, cfg.micro_batch_tokens)):
                 mb = collate(train, micro, ctx["tokenizer"].pad_token_id, device)
+                # Policy forward and backward, then the critic's: only one activation graph is alive at a time.
                 with ctx["autocast"]():
                     logp, entropy = response_logprobs(policy, mb, cfg.temperature, with_entropy=True)
-                    new_values = response_values(critic, mb)
                 p_loss, clipped = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip_eps, num_tokens)
-                v_loss = value_loss(new_values, mb["values"], mb["returns"], mb["mask"], cfg.value_clip, num_tokens)
-                if not (torch.isfinite(p_loss) and torch.isfinite(v_loss)):
-                    raise RuntimeError(f"step {step}: non-finite loss (policy {p_loss.item()}, value {v_loss.item()}); "
-                                       f"stopping, the last checkpoint in {cfg.output_dir}/checkpoints is kept")
                 (p_loss * weight * world).backward()
+                with ctx["autocast"]():
+                    new_values = response_values(critic, mb)
+                v_loss = value_loss(new_values, mb["values"], mb["returns"], mb["mask"], cfg.value_clip, num_tokens)
                 (v_loss * weight * world).backward()
+                # Every rank must stop together, or the others wait forever in the next collective.
+                if all_reduce(torch.tensor([float(not (torch.isfinite(p_loss) and torch.isfinite(v_loss)))])).item():
+                    raise RuntimeError(f"step {step}: non-finite loss on some rank (here: policy {p_loss.item()}, value "
+                                       f"{v_loss.item()}); stopping, the last checkpoint in {cfg.output_dir}/checkpoints is kept")
+                if weight == 0:  # a repeat that only keeps the ranks' collectives in step
+                    continue
                 with torch.no_grad():
                     log_ratio = (logp - mb["old_logp"]) * mb["mask"]
                     if first_ratio_error is None:
                         first_ratio_error = log_ratio.abs().max().item()
-                    stats += weight * torch.tensor([
-                        p_loss.item(), v_loss.item(), clipped.item(),
-                        ((log_ratio.exp() - 1 - log_ratio) * mb["mask"]).sum().item(),  # k3 estimator of KL(old||new)
-                        (entropy * mb["mask"]).sum().item(), mb["mask"].sum().item(), 0.0], dtype=torch.float64)
-            grad_norms = [torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) for model in (policy, critic)]
+                    sums["policy_loss"] += p_loss.item()
+                    sums["value_loss"] += v_loss.item()
+                    sums["clipped"] += clipped.item()
+                    sums["approx_kl"] += ((log_ratio.exp() - 1 - log_ratio) * mb["mask"]).sum().item()  # k3 of KL(old||new)
+                    sums["ratio"] += (log_ratio.exp() * mb["mask"]).sum().item()
+                    sums["entropy"] += (entropy * mb["mask"]).sum().item()
+                    sums["tokens"] += mb["mask"].sum().item()
+            for model, key in ((policy, "policy_grad_norm"), (critic, "value_grad_norm")):
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                # the same global norm on every rank: count it once
+                sums[key] += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) / world
             for optimizer, scheduler in ctx["optimizers"]:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            stats[6] += 1
+            sums["optimizer_steps"] += 1 / world
     t_update = time.perf_counter() - t0
 
-    # Metrics: sums over ranks, then means.
-    per_response = torch.stack([
-        ro["success"], ro["correct"].float(), torch.tensor([float(r.sum()) for r in step_rewards]),
-        -cfg.beta * kl.sum(1), kl.sum(1), mask.sum(1), torch.tensor([float(len(s)) for s in ro["steps"]]),
-        ro["truncated"].float(), ro["sequence_reward"] - ro["success"]]).double()
+    # Per-response and per-token sums of this rank, then one reduction over ranks.
     valid = mask.bool()
-    error = (returns - values)[valid].double()
-    sums = all_reduce_sum(torch.cat([
-        per_response.sum(1), stats,
-        torch.tensor([B, sum(prompt_lens), (error ** 2).sum(), returns[valid].sum(), (returns[valid] ** 2).sum(),
-                      values[valid].sum()], dtype=torch.float64)]).to(device)).cpu().tolist()
-    (success, correct, process, kl_penalty, ref_kl, length, n_steps, truncated, outcome,
-     p_loss_sum, v_loss_sum, clipped, approx_kl, entropy, tokens, minibatches,
-     n, prompt_tokens, err_sq, ret_sum, ret_sq, value_sum) = sums
-    minibatches /= world
-    returns_var = ret_sq / length - (ret_sum / length) ** 2
+    error = (returns - values)[valid]
+    sums.update(
+        responses=B, prompt_tokens=sum(prompt_lens), success=ro["success"].sum(), correct=ro["correct"].sum(),
+        process=sum(r.sum() for r in step_rewards), outcome=(ro["sequence_reward"] - ro["success"]).sum(),
+        kl=kl.sum(), length=mask.sum(), steps=sum(len(s) for s in ro["steps"]), truncated=ro["truncated"].sum(),
+        error=error.sum(), error_sq=(error ** 2).sum(), returns=returns[valid].sum(), returns_sq=(returns[valid] ** 2).sum(),
+        values=values[valid].sum())
+    keys = list(sums)
+    totals = dict(zip(keys, all_reduce(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)).tolist()))
+    n, tokens, valid_tokens, steps = totals["responses"], totals["tokens"], totals["length"], totals["optimizer_steps"]
+
+    def variance(total: float, squares: float) -> float:  # over the valid tokens of all ranks
+        return squares / valid_tokens - (total / valid_tokens) ** 2
+
     rollout_time = ro["time"]["time/rollout"] + ro["time"]["time/score"]
     metrics = {
-        "reward/success": success / n, "reward/correct_answer": correct / n, "reward/process": process / n,
-        "reward/outcome_model": outcome / n, "reward/kl": kl_penalty / n,
-        "reward/total": (success + process + outcome + kl_penalty) / n,
-        "response/length": length / n, "response/steps": n_steps / n, "response/truncated": truncated / n,
-        "loss/policy": p_loss_sum / minibatches, "loss/value": v_loss_sum / minibatches,
-        "policy/clip_frac": clipped / tokens, "policy/approx_kl": approx_kl / tokens, "policy/entropy": entropy / tokens,
-        "policy/ref_kl": ref_kl / n, "policy/first_ratio_error": first_ratio_error,
-        "policy/grad_norm": float(grad_norms[0].full_tensor() if hasattr(grad_norms[0], "full_tensor") else grad_norms[0]),
-        "value/grad_norm": float(grad_norms[1].full_tensor() if hasattr(grad_norms[1], "full_tensor") else grad_norms[1]),
-        "value/explained_var": 1 - (err_sq / length) / max(returns_var, 1e-12), "value/mean": value_sum / length,
+        "reward/success": totals["success"] / n, "reward/correct_answer": totals["correct"] / n,
+        "reward/process": totals["process"] / n, "reward/outcome_model": totals["outcome"] / n,
+        "reward/kl": -cfg.beta * totals["kl"] / n,
+        "reward/total": (totals["success"] + totals["process"] + totals["outcome"] - cfg.beta * totals["kl"]) / n,
+        "response/length": valid_tokens / n, "response/steps": totals["steps"] / n,
+        "response/truncated": totals["truncated"] / n,
+        "loss/policy": totals["policy_loss"] / steps, "loss/value": totals["value_loss"] / steps,
+        "policy/clip_frac": totals["clipped"] / tokens, "policy/approx_kl": totals["approx_kl"] / tokens,
+        "policy/ratio": totals["ratio"] / tokens, "policy/entropy": totals["entropy"] / tokens,
+        "policy/ref_kl": totals["kl"] / n, "policy/first_ratio_error": first_ratio_error,
+        "policy/grad_norm": totals["policy_grad_norm"] / steps, "value/grad_norm": totals["value_grad_norm"] / steps,
+        "value/explained_var": 1 - variance(totals["error"], totals["error_sq"])
+                               / max(variance(totals["returns"], totals["returns_sq"]), 1e-12),
+        "value/mean": totals["values"] / valid_tokens,
         "answer/timeouts": ctx["checker"].timeouts if ctx.get("checker") else 0,
         **ro["time"], "time/update": t_update, "time/step": rollout_time + t_update,
-        "throughput/tokens_per_s": (length + prompt_tokens) / (rollout_time + t_update),
-        "throughput/generated_tokens_per_s": length / max(ro["time"]["time/rollout"], 1e-9),
+        "throughput/tokens_per_s": (valid_tokens + totals["prompt_tokens"]) / (rollout_time + t_update),
+        "throughput/generated_tokens_per_s": valid_tokens / max(ro["time"]["time/rollout"], 1e-9),
     }
     ro["step_rewards"] = step_rewards
     return {k: float(v) for k, v in metrics.items()}
@@ -733,25 +756,35 @@ def sample_rows(ro: dict, k: int = 4) -> list[dict]:
 
 def setup(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     """Load (and on several ranks shard) every model, the optimisers and the answer checker: the run's context."""
-    # Trained models in fp32 (bf16 compute on GPU), frozen ones in bf16 on GPU.
+    # Trained models in fp32 (bf16 compute on GPU). Frozen ones in bf16 under FSDP2 (the same numbers as the
+    # policy's bf16 all-gather) and for the PRM/ORM; a single GPU keeps the reference in fp32 under autocast like
+    # the policy, so that KL is exactly 0 at the first step.
     gpu = device.type == "cuda"
-    frozen_dtype = torch.bfloat16 if gpu else torch.float32
+    reference_dtype = torch.bfloat16 if gpu and world > 1 else torch.float32
+    scorer_dtype = torch.bfloat16 if gpu else torch.float32
+    # Several ranks: each model is loaded on the CPU and sharded before the next is loaded, so neither a GPU nor
+    # the host ever holds more than one full copy per rank (fully_shard moves the shards to the GPU).
+    load_device = torch.device("cpu") if world > 1 else device
+
+    def place(model: torch.nn.Module, trained: bool) -> torch.nn.Module:
+        if world > 1:
+            models.shard(model, trained=trained, gpu=gpu)
+        return model.to(device)
+
     tokenizer = models.load_tokenizer(cfg.model, "--model", cfg.trust_remote_code)
-    policy = models.load_model(cfg.model, flag="--model", device=device, trust_remote_code=cfg.trust_remote_code)
-    reference = models.load_model(cfg.model, flag="--model", dtype=frozen_dtype, device=device,
-                                  trust_remote_code=cfg.trust_remote_code).requires_grad_(False)
-    critic = models.Critic.load(cfg.critic or cfg.model, flag="--critic" if cfg.critic else "--model", device=device,
-                                trust_remote_code=cfg.trust_remote_code)
+    policy = models.load_model(cfg.model, flag="--model", device=load_device, trust_remote_code=cfg.trust_remote_code)
+    critic = models.Critic.load(cfg.critic or cfg.model, flag="--critic" if cfg.critic else "--model",
+                                device=load_device, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    prm, orm = load_prm(cfg, device, frozen_dtype), load_orm(cfg, device, frozen_dtype)
-    if world > 1:
-        for model, trained in ((policy, True), (critic, True), (reference, False)):
-            models.shard(model, trained=trained, gpu=gpu)
-        for scorer in (prm, orm):
-            if isinstance(getattr(scorer, "model", None), torch.nn.Module):
-                models.shard(scorer.model, trained=False, gpu=gpu)
+    policy, critic = place(policy, trained=True), place(critic, trained=True)
+    reference = place(models.load_model(cfg.model, flag="--model", dtype=reference_dtype, device=load_device,
+                                        trust_remote_code=cfg.trust_remote_code).requires_grad_(False), trained=False)
+    prm, orm = load_prm(cfg, load_device, scorer_dtype), load_orm(cfg, load_device, scorer_dtype)
+    for scorer in (prm, orm):
+        if isinstance(getattr(scorer, "model", None), torch.nn.Module):
+            scorer.model = place(scorer.model, trained=False)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
     return dict(
@@ -808,7 +841,7 @@ def main(argv: list[str] | None = None) -> None:
             metrics = train_on_rollout(cfg, step, ro, ctx)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 ctx["policy"].eval()
-                with models.gathered(ctx["policy"]):
+                with models.gathered(ctx["policy"]), ctx["autocast"]():
                     result = evaluation.evaluate(ctx["policy"], ctx["tokenizer"], eval_problems, max_new_tokens=cfg.max_new_tokens,
                                                  batch_size=cfg.generation_batch_size, checker=checker)
                 metrics["eval/accuracy"] = float(result["accuracy"])

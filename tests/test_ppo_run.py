@@ -114,3 +114,19 @@ def test_a_transform_registered_at_run_time_is_a_reward_choice(cache_dir, tmp_pa
     monkeypatch.setitem(rewards.STEP_TRANSFORMS, "threshold", lambda scores, cfg: (scores > cfg.eta).float() - 1.0)
     metrics = run(cache_dir, tmp_path, "--reward", "threshold", "--steps", "1")
     assert metrics[0]["reward/process"] <= 0
+
+
+def test_a_kill_mid_save_leaves_the_previous_checkpoint_usable(cache_dir, tmp_path):
+    """Simulate kills: one inside the save (a step_N.tmp folder), one between the rename and the pointer
+    update (step_2 complete, `latest` still on step_1). Resuming redoes step 2 and saves over the stale folder."""
+    first = run(cache_dir, tmp_path, "--steps", "2", "--save-every", "1", "--keep-checkpoints", "3")
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "latest").write_text("step_1")
+    (checkpoints / "step_3.tmp").mkdir()
+    again = run(cache_dir, tmp_path, "--steps", "2", "--save-every", "1", "--keep-checkpoints", "3", "--resume")
+    assert [m["step"] for m in again] == [1, 2]
+    assert again[1]["reward/total"] == pytest.approx(first[1]["reward/total"], abs=1e-6)
+    assert (checkpoints / "latest").read_text() == "step_2"
+    # A new run does not silently mix with an old run's checkpoints.
+    with pytest.raises(SystemExit, match="holds another run's checkpoints"):
+        run(cache_dir, tmp_path, "--steps", "3")
