@@ -284,17 +284,24 @@ def build_tiny(out_dir: str | Path, seed: int = 0, **config_overrides) -> dict[s
     - `orm`: Qwen2ForSequenceClassification with one label.
     Folders that already exist are reused (the same seed gives the same weights).
     """
-    from transformers import (
-        GenerationConfig, Qwen2ForCausalLM, Qwen2ForSequenceClassification, Qwen2ForTokenClassification,
-    )
-
     out_dir = Path(out_dir)
     names = ["policy", "step_tag_prm", "token_classifier_prm", "orm"]
     paths = {name: out_dir / name for name in names}
     if all((p / "config.json").is_file() for p in paths.values()):
         return paths
 
-    torch.manual_seed(seed)
+    with torch.random.fork_rng():  # seeded here without touching the caller's random stream
+        torch.manual_seed(seed)
+        _write_tiny(paths, **config_overrides)
+    (out_dir / "tiny.json").write_text(json.dumps({"seed": seed, **config_overrides}))
+    return paths
+
+
+def _write_tiny(paths: dict[str, Path], **config_overrides) -> None:
+    from transformers import (
+        GenerationConfig, Qwen2ForCausalLM, Qwen2ForSequenceClassification, Qwen2ForTokenClassification,
+    )
+
     tokenizer = build_tiny_tokenizer()
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
 
@@ -321,8 +328,6 @@ def build_tiny(out_dir: str | Path, seed: int = 0, **config_overrides) -> dict[s
 
     orm = Qwen2ForSequenceClassification(tiny_qwen2_config(len(tokenizer), num_labels=1, **config_overrides))
     save("orm", orm, tokenizer)
-    (out_dir / "tiny.json").write_text(json.dumps({"seed": seed, **config_overrides}))
-    return paths
 
 
 def default_cache_dir() -> Path:

@@ -403,7 +403,7 @@ def save_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, 
     torch.save(rng, tmp / f"rng_rank{rank}.pt")
     barrier()
     if rank == 0:
-        (tmp / "state.json").write_text(json.dumps({"step": step, "sampler": sampler.state_dict(),
+        (tmp / "state.json").write_text(json.dumps({"step": step, "sampler": sampler.state_dict(), "world_size": world_size(),
                                                     "config": dataclasses.asdict(cfg)}, indent=1))
         latest = root / "latest"
         if final.exists() and not (latest.exists() and latest.read_text().strip() == final.name):
@@ -433,9 +433,10 @@ def load_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, 
     if diff:
         raise SystemExit(f"--resume: checkpoint {folder} was written with a different config: " +
                          ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in diff))
+    if state["world_size"] != world_size():
+        raise SystemExit(f"--resume: {folder} was saved by {state['world_size']} ranks, this run has {world_size()}: "
+                         "resume under the same number of ranks (the RNG state and the data slices are per rank)")
     rng_file = folder / f"rng_rank{rank}.pt"
-    if not rng_file.is_file():
-        raise SystemExit(f"--resume: {folder} has no {rng_file.name}: it was saved with a different number of ranks")
     policy_sd, policy_opt_sd = get_state_dict(policy, policy_opt)
     critic_sd, critic_opt_sd = get_state_dict(critic, critic_opt)
     sd = {"policy": policy_sd, "policy_opt": policy_opt_sd, "critic": critic_sd, "critic_opt": critic_opt_sd}
@@ -454,6 +455,10 @@ def load_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, 
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 # -------------------------------------------------------------------------------------------------
@@ -806,12 +811,12 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()
     run = Path(cfg.output_dir)
     run.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed + rank)  # per-rank sampling seed; the data order has its own
-    random.seed(cfg.seed + rank)
     resolve_local_models(cfg, rank)
     if rank == 0:
         (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     ctx = setup(cfg, rank, world, device)
+    torch.manual_seed(cfg.seed + rank)  # per-rank sampling seed, set after loading; the data order has its own
+    random.seed(cfg.seed + rank)
 
     # Data: the same order on every rank; each rank takes its slice of every step's problems.
     problems, dropped = data.tokenize_prompts(ctx["tokenizer"], load_problems(cfg.train_data, "train", cfg), cfg.max_prompt_tokens)

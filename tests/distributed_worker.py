@@ -41,7 +41,7 @@ def fingerprint(model) -> dict[str, float]:
 def update(rollout_path: str, out: str, reward: str, cache_dir: str) -> None:
     cfg = ppo.parse_config(["--preset", "tiny", "--reward", reward, "--cache-dir", cache_dir, "--ppo-epochs", "2",
                             "--ppo-minibatches", "1", "--micro-batch-tokens", "64", "--prm", "none"])
-    rank, world, device = ppo.init_distributed()
+    rank, world, device = models.init_distributed()
     ppo.resolve_local_models(cfg, rank)
     ctx = ppo.setup(cfg, rank, world, device)
     ro = rank_share(torch.load(rollout_path, weights_only=True), rank, world)
@@ -54,7 +54,7 @@ def update(rollout_path: str, out: str, reward: str, cache_dir: str) -> None:
 
 
 def generate(out: str, cache_dir: str) -> None:
-    rank, world, device = ppo.init_distributed()
+    rank, world, device = models.init_distributed()
     paths = models.build_tiny(Path(cache_dir) / "tiny") if rank == 0 else None
     dist.barrier()
     paths = paths or models.build_tiny(Path(cache_dir) / "tiny")
