@@ -23,11 +23,13 @@ case "$recipe" in
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 ppo.py --preset tiny --reward clip_delta \
       --output-dir runs/cpu-tiny "$@" ;;
   toy-ablation)
+    export OMP_NUM_THREADS=1   # one thread is as fast for these sizes, and results do not depend on the core count
     for reward in success prm clip delta clip_delta minform; do
       python ppo.py --preset toy --reward "$reward" --alpha 1 --output-dir "runs/toy-ablation/$reward" "$@"
     done
     python toy.py report runs/toy-ablation/{success,prm,clip,delta,clip_delta,minform} --out runs/toy-ablation/report ;;
   toy-alpha)
+    export OMP_NUM_THREADS=1
     for alpha in 0.5 0.2; do
       for reward in prm delta; do
         python ppo.py --preset toy --reward "$reward" --alpha "$alpha" --output-dir "runs/toy-alpha/$reward-$alpha" "$@"

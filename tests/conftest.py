@@ -49,3 +49,11 @@ def qwen2_tokenizer():
     import models
 
     return models.load_tokenizer(str(QWEN2_TOKENIZER))
+
+
+@pytest.fixture(scope="session")
+def toy_ci_policy(tmp_path_factory) -> Path:
+    """The CI-sized toy warm start (toy.CI_CONFIG), built once per test session (~40 s on one thread)."""
+    import toy
+
+    return toy.warm_start(tmp_path_factory.getbasetemp() / "toy_cache", seed=0, **toy.CI_CONFIG)

@@ -1,0 +1,350 @@
+"""The CPU toy world: task generator, step verifier, character tokenizer, cached warm start, report."""
+
+import json
+import random
+
+import pytest
+import torch
+
+import models
+import toy
+
+# -------------------------------------------------------------------------------------------------
+# Step verifier
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step, score", [
+    ("3+4=7", 0.9),            # right
+    ("12*3=36", 0.9),
+    ("14-5=9", 0.9),
+    (" 14 - 5 = 9 ", 0.9),     # spaces do not matter
+    ("5-7=-2", 0.9),           # right, even if the task never goes below 0
+    ("7+0=7", 0.9),            # right but useless: a local judge scores it high (what PRM hacking exploits)
+    ("7*1=7", 0.9),
+    ("3+4=8", 0.1),            # wrong
+    ("7*2=15", 0.1),
+    ("3+4", 0.1),              # malformed
+    ("3+=7", 0.1),
+    ("=7", 0.1),
+    ("3+4=7=7", 0.1),
+    ("3+4=7\n7+1=8", 0.1),     # two equations in one step
+    ("(3+4)=7", 0.1),
+    ("boxed{7}", 0.1),
+    ("\\boxed{7", 0.1),
+    ("\\boxed{9}", 0.5),       # the final step, whatever its value
+    ("\\boxed{123}", 0.5),
+])
+def test_step_verifier_scores_hand_written_steps(step, score):
+    assert toy.step_verifier(["(3+4)*2"], [[step]]) == [[score]]
+
+
+def test_step_verifier_keeps_the_shape_of_ragged_batches():
+    scores = toy.step_verifier(
+        ["(3+4)*2", "(1+1)-1", "2*3"],
+        [["3+4=7", "7+0=7", "7*2=15", "\\boxed{15}"], [], ["2*3=6", "\\boxed{6}"]],
+    )
+    assert scores == [[0.9, 0.9, 0.1, 0.5], [], [0.9, 0.5]]
+    with pytest.raises(ValueError, match="2 questions but 1"):
+        toy.step_verifier(["a", "b"], [["3+4=7"]])
+
+
+# -------------------------------------------------------------------------------------------------
+# Task generator
+# -------------------------------------------------------------------------------------------------
+
+
+def steps_of(solution: str) -> list[str]:
+    return solution.split("\n\n")
+
+
+def test_answers_equal_python_eval_of_the_parenthesised_prompt():
+    items = toy.problems(500, seed=3)
+    for item in items:
+        assert set(item) == {"problem", "answer"}
+        assert item["answer"] == str(eval(item["problem"]))
+    # Graded difficulty: both 2- and 3-operation problems, nothing else.
+    counts = {sum(item["problem"].count(op) for op in "+-*") for item in items}
+    assert counts == {2, 3}
+
+
+def test_clean_solutions_step_through_the_prompt_within_range():
+    rng = random.Random(0)
+    for _ in range(300):
+        start, ops = toy.sample_chain(rng, rng.randint(2, 3))
+        prompt = toy.expression(start, ops)
+        steps = steps_of(toy.write_solution(start, ops))
+        assert len(steps) == len(ops) + 1
+        value = start
+        for step, (op, b) in zip(steps, ops):
+            lhs, rhs = step.split("=")
+            assert lhs == f"{value}{op}{b}" and 1 <= b <= 9
+            value = eval(lhs)
+            assert rhs == str(value) and 0 <= value <= 99
+        assert steps[-1] == f"\\boxed{{{eval(prompt)}}}"
+
+
+def test_expression_is_fully_parenthesised():
+    assert toy.expression(3, [("+", 4), ("*", 2), ("-", 5)]) == "((3+4)*2)-5"
+    assert toy.expression(3, [("+", 4), ("*", 2)]) == "(3+4)*2"
+    assert toy.write_solution(3, [("+", 4), ("*", 2), ("-", 5)]) == "3+4=7\n\n7*2=14\n\n14-5=9\n\n\\boxed{9}"
+
+
+def test_problems_are_seeded_prefix_stable_and_splits_differ():
+    assert toy.problems(20, seed=1) == toy.problems(20, seed=1)
+    assert toy.problems(20, seed=1) == toy.problems(30, seed=1)[:20]
+    assert toy.problems(20, seed=1) != toy.problems(20, seed=2)
+    assert toy.problems(20, seed=1) != toy.problems(20, seed=1, split="eval")
+    with pytest.raises(ValueError, match="min_ops"):
+        toy.problems(1, min_ops=3, max_ops=2)
+
+
+def test_slips_are_carried_forward_and_make_the_answer_wrong():
+    rng = random.Random(1)
+    for _ in range(200):
+        start, ops = toy.sample_chain(rng, 3)
+        steps = steps_of(toy.write_solution(start, ops, rng, slip_fraction=1.0))
+        wrong = 0
+        previous = str(start)
+        for step in steps[:-1]:
+            lhs, rhs = step.split("=")
+            assert lhs.startswith(previous)  # each step starts from the value written before it
+            off = int(rhs) - eval(lhs)
+            assert off in (0, -2, -1, 1, 2)
+            wrong += off != 0
+            previous = rhs
+        assert wrong == 1
+        assert steps[-1] == f"\\boxed{{{previous}}}"
+        assert previous != str(toy.evaluate_chain(start, ops))
+
+
+def test_noise_fractions_match_the_configuration():
+    rng = random.Random(2)
+    n, slipped, redundant = 4000, 0, 0
+    for _ in range(n):
+        start, ops = toy.sample_chain(rng, 3)
+        solution = toy.write_solution(start, ops, rng, slip_fraction=0.35)
+        slipped += steps_of(solution)[-1] != f"\\boxed{{{toy.evaluate_chain(start, ops)}}}"
+    for _ in range(n):
+        start, ops = toy.sample_chain(rng, 3)
+        steps = steps_of(toy.write_solution(start, ops, rng, redundant_fraction=0.1))
+        # Walk the chain: a step that is not the next operation must be a redundant `v+0=v`, `v-0=v`, `v*1=v`.
+        value, pending = str(start), list(ops)
+        for step in steps[:-1]:
+            lhs, rhs = step.split("=")
+            if pending and lhs == f"{value}{pending[0][0]}{pending[0][1]}":
+                pending.pop(0)
+            else:
+                assert lhs in (f"{value}+0", f"{value}-0", f"{value}*1") and rhs == value
+                redundant += 1
+            value = rhs
+        assert pending == [] and steps[-1] == f"\\boxed{{{value}}}"
+    assert abs(slipped / n - 0.35) < 0.03
+    assert abs(redundant / (3 * n) - 0.1) < 0.01  # at most one after each of the 3n real steps
+
+
+# -------------------------------------------------------------------------------------------------
+# Character tokenizer
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer(tmp_path_factory):
+    """The toy tokenizer after a save / load round trip through models.load_tokenizer, saved beside a qwen2
+    config as in a warm-start folder (transformers then loads it as Qwen2Tokenizer, rebuilding its pipeline)."""
+    from transformers import Qwen2Config
+
+    folder = tmp_path_factory.mktemp("toy_tokenizer")
+    tokenizer = toy.build_tokenizer()
+    tokenizer.save_pretrained(folder)
+    Qwen2Config(vocab_size=len(tokenizer)).save_pretrained(folder)
+    return models.load_tokenizer(str(folder))
+
+
+def test_tokenizer_round_trip_is_exact_one_token_per_character(char_tokenizer):
+    rng = random.Random(0)
+    texts = ["3+4=7\n\n7*2=14\n\n\\boxed{14}", "((3+4)*2)-5\n\n", "\n", ""]
+    texts += ["".join(rng.choice(toy.SYMBOLS) for _ in range(rng.randint(1, 60))) for _ in range(200)]
+    for text in texts:
+        ids = char_tokenizer.encode(text)
+        assert len(ids) == len(text)
+        assert char_tokenizer.decode(ids) == text
+    ids = char_tokenizer.encode("\\boxed{9}<|im_end|>")
+    assert ids[-1] == char_tokenizer.eos_token_id and len(ids) == len("\\boxed{9}") + 1
+    assert char_tokenizer.decode(ids, skip_special_tokens=True) == "\\boxed{9}"
+
+
+def test_tokenizer_specials_padding_and_vocabulary(char_tokenizer):
+    assert char_tokenizer.padding_side == "left"
+    assert char_tokenizer.eos_token == "<|im_end|>" and char_tokenizer.pad_token == "<|endoftext|>"
+    assert char_tokenizer.eos_token_id != char_tokenizer.pad_token_id
+    assert len(char_tokenizer) == len(set(toy.SYMBOLS)) + 2
+    batch = char_tokenizer(["1+2", "13*4"], padding=True)
+    pad = char_tokenizer.pad_token_id
+    assert batch["input_ids"][0][0] == pad and batch["attention_mask"] == [[0, 1, 1, 1], [1, 1, 1, 1]]
+    assert char_tokenizer.decode(char_tokenizer.encode("3 + 4 ?")) == "3+4"  # characters outside SYMBOLS are dropped
+
+
+def test_chat_template_renders_only_the_last_user_message(char_tokenizer):
+    messages = [
+        {"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
+        {"role": "user", "content": "(1+2)*3"},
+        {"role": "assistant", "content": "1+2=3"},
+        {"role": "user", "content": "((3+4)*2)-5"},
+    ]
+    prompt = char_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == "((3+4)*2)-5\n\n"
+    assert char_tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False) == "((3+4)*2)-5"
+    assert toy.format_prompt(char_tokenizer, "(3+4)*2") == "(3+4)*2\n\n"
+
+
+# -------------------------------------------------------------------------------------------------
+# Warm start
+# -------------------------------------------------------------------------------------------------
+
+MICRO = dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, sft_steps=4, batch_size=4)
+
+
+def test_warm_start_is_deterministic_and_loads_like_a_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    first = toy.warm_start(tmp_path / "a", seed=5, **MICRO)
+    second = toy.warm_start(tmp_path / "b", seed=5, **MICRO)
+    other_seed = toy.warm_start(tmp_path / "b", seed=6, **MICRO)
+    assert first.name == second.name and other_seed != second
+    weights = [load_file(str(p / "model.safetensors")) for p in (first, second, other_seed)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+    tokenizer = models.load_tokenizer(str(first))
+    model = models.load_model(str(first))
+    assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 1
+    assert models.stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id]
+    assert tokenizer.decode(tokenizer.encode("(3+4)*2\n\n")) == "(3+4)*2\n\n"
+    assert toy.format_prompt(tokenizer, "(3+4)*2") == "(3+4)*2\n\n"  # the chat template travels with it
+    assert json.loads((first / "toy.json").read_text())["seed"] == 5
+
+
+def test_warm_start_cache_is_reused_and_keyed_by_configuration(tmp_path, monkeypatch):
+    folder = toy.warm_start(tmp_path, seed=0, **MICRO)
+    built = []
+
+    def fake_build(out, seed, config):
+        built.append(config)
+        (out / "toy.json").write_text("{}")
+
+    monkeypatch.setattr(toy, "_build_warm_start", fake_build)
+    assert toy.warm_start(tmp_path, seed=0, **MICRO) == folder
+    assert built == []
+    other = toy.warm_start(tmp_path, seed=0, **dict(MICRO, sft_steps=5))
+    assert other != folder and [config["sft_steps"] for config in built] == [5]
+    assert sorted(tmp_path.iterdir()) == sorted([folder, other])  # no temporary folder left behind
+    with pytest.raises(ValueError, match=r"unknown configuration fields \['hidden'\]"):
+        toy.warm_start(tmp_path, hidden=3)
+
+
+def test_warm_start_that_loses_a_race_keeps_the_winner(tmp_path, monkeypatch):
+    real_build = toy._build_warm_start
+
+    def build_while_another_run_finishes_first(out, seed, config):
+        monkeypatch.setattr(toy, "_build_warm_start", real_build)
+        winner = toy.warm_start(tmp_path, seed, **MICRO)  # the other run, done while this one builds
+        (winner / "winner").write_text("")
+        real_build(out, seed, config)
+
+    monkeypatch.setattr(toy, "_build_warm_start", build_while_another_run_finishes_first)
+    folder = toy.warm_start(tmp_path, seed=0, **MICRO)
+    assert (folder / "winner").is_file()
+    assert list(tmp_path.iterdir()) == [folder]  # this run's temporary copy is gone
+
+
+# -------------------------------------------------------------------------------------------------
+# Report
+# -------------------------------------------------------------------------------------------------
+
+
+def write_run(folder, config, rows):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_table_uses_first_and_last_ten_steps(tmp_path):
+    rows = [{"step": i, "reward/success": i / 20, "response/length": 20 + i, "response/steps": 4 + (i >= 15),
+             "response/truncated": 0.5 * (i >= 18), "other": 1} for i in range(1, 21)]
+    write_run(tmp_path / "prm_a1", {"reward": "prm", "alpha": 1.0}, rows)
+    write_run(tmp_path / "success", {"reward": "success", "alpha": 1.0}, rows[:5])
+    table = toy.report([tmp_path / "prm_a1", tmp_path / "success"], out=None)
+    lines = table.splitlines()
+    assert lines[0] == ("| run | reward | alpha | PPO steps | success | steps per response | length (tokens) "
+                        "| truncated |")
+    # first ten steps 1..10: success mean 5.5/20 = 0.275, length 25.5, steps 4, truncated 0;
+    # last ten steps 11..20: success 15.5/20 = 0.775, length 35.5, steps 4.6, truncated 0.15.
+    assert lines[2] == "| prm_a1 | prm | 1 | 20 | 0.28 -> 0.78 | 4.0 -> 4.6 | 25.5 -> 35.5 | 0.00 -> 0.15 |"
+    # a run shorter than ten steps: both windows cover all of it; alpha is not shown for success only.
+    assert lines[3] == "| success | success | - | 5 | 0.15 -> 0.15 | 4.0 -> 4.0 | 23.0 -> 23.0 | 0.00 -> 0.00 |"
+
+    out = tmp_path / "out" / "table.md"
+    toy.main(["report", str(tmp_path / "prm_a1"), "--out", str(out)])
+    assert out.read_text() == "\n".join(lines[:3]) + "\n"
+
+
+def test_report_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(SystemExit, match="config.json not found"):
+        toy.report([tmp_path], out=None)
+    (tmp_path / "config.json").write_text(json.dumps({"reward": "prm"}))
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="config.json has no 'alpha'"):
+        toy.report([tmp_path], out=None)
+    (tmp_path / "config.json").write_text(json.dumps({"reward": "prm", "alpha": 1}))
+    row = {"step": 1, "reward/success": 0, "response/length": 1, "response/steps": 1, "response/truncated": 0}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n{oops\n")
+    with pytest.raises(SystemExit, match="metrics.jsonl line 2"):
+        toy.report([tmp_path], out=None)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    with pytest.raises(SystemExit, match="line 1 lacks"):
+        toy.report([tmp_path], out=None)
+
+
+def test_report_plot_is_written_beside_the_table(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"step": i, "reward/success": 0.5, "response/length": 30, "response/steps": 4,
+             "response/truncated": 0.0} for i in range(1, 4)]
+    write_run(tmp_path / "clip", {"reward": "clip", "alpha": 1.0}, rows)
+    toy.report([tmp_path / "clip"], out=tmp_path / "ablation.md")
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -------------------------------------------------------------------------------------------------
+# The CI-sized warm start (the session fixture `toy_ci_policy` in conftest.py) and a CI-sized PPO run
+# -------------------------------------------------------------------------------------------------
+
+
+def test_ci_warm_start_has_learned_the_format_and_some_arithmetic(toy_ci_policy):
+    """The regime RL needs: well-formed solutions that finish, right often but not always when sampling."""
+    held_out = toy.problems(100, seed=0, split="eval")
+    greedy = toy.measure(toy_ci_policy, held_out, greedy=True)
+    sampled = toy.measure(toy_ci_policy, held_out, greedy=False, seed=0)
+    assert greedy["truncated"] == 0 and 3.0 <= greedy["steps"] <= 4.5
+    assert greedy["success"] >= 0.5
+    assert 0.1 <= sampled["success"] < greedy["success"]
+
+
+def test_ci_sized_ppo_run_learns_and_is_deterministic(toy_ci_policy, tmp_path):
+    """Through ppo.py's own path: the success reward alone raises the success rate of the CI warm start, and
+    rerunning the first steps gives the same numbers (CPU, one thread)."""
+    import ppo
+
+    flags = ["--preset", "toy", "--model", str(toy_ci_policy), "--reward", "success", "--answer-workers", "1",
+             "--policy-lr", "1e-4"]
+    ppo.main(flags + ["--steps", "30", "--output-dir", str(tmp_path / "long")])
+    ppo.main(flags + ["--steps", "3", "--output-dir", str(tmp_path / "short")])
+    long, short = (toy.read_run(tmp_path / name)[1] for name in ("long", "short"))
+    success = [m["reward/success"] for m in long]
+    start, end = sum(success[:8]) / 8, sum(success[-8:]) / 8
+    assert end > start + 0.05, success
+    for a, b in zip(long[:3], short):
+        for key in a:
+            if not key.startswith(("time/", "throughput/")):
+                assert a[key] == b[key], (a["step"], key)
