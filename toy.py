@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 import models
+import rewards
 
 # -------------------------------------------------------------------------------------------------
 # Task generator
@@ -385,12 +386,6 @@ def _build_warm_start(out: Path, seed: int, config: dict) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
-def boxed_answer(response: str) -> str | None:
-    """The integer inside the last `\\boxed{...}`, or None."""
-    found = re.findall(r"\\boxed\{(-?\d+)\}", response)
-    return found[-1] if found else None
-
-
 @torch.no_grad()
 def measure(model_dir: str | Path, items: list[dict], *, greedy: bool, temperature: float = 1.0,
             max_new_tokens: int = 64, batch_size: int = 100, seed: int = 0) -> dict:
@@ -411,8 +406,8 @@ def measure(model_dir: str | Path, items: list[dict], *, greedy: bool, temperatu
         for item, ids in zip(batch, responses):
             finished = bool(ids) and ids[-1] in stop_ids
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            success += finished and boxed_answer(text) == item["answer"]
-            steps += sum(1 for step in text.split("\n\n") if step.strip())
+            success += finished and rewards.extract_boxed(text) == item["answer"]
+            steps += len(rewards.split_steps(text))
             length += len(ids)
             truncated += not finished
     n = len(items)
@@ -467,11 +462,12 @@ def window_means(rows: list[dict], key: str) -> tuple[float, float]:
 def report(run_dirs: list[Path], out: Path | None) -> str:
     """Markdown table of the runs (and a PNG plot beside `out` when matplotlib is installed)."""
     runs = [(run_dir, *read_run(run_dir)) for run_dir in run_dirs]
-    header = ["run", "reward", "alpha", "PPO steps"] + [name for name, _ in REPORT_COLUMNS]
+    header = ["run", "reward", "alpha", "PPO steps", "minutes"] + [name for name, _ in REPORT_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for run_dir, config, rows in runs:
         alpha = "-" if config["reward"] == "success" else f"{config['alpha']:g}"
-        cells = [run_dir.name, str(config["reward"]), alpha, str(rows[-1]["step"])]
+        minutes = sum(r.get("time/step", 0.0) for r in rows) / 60  # PPO steps only, model loading excluded
+        cells = [run_dir.name, str(config["reward"]), alpha, str(rows[-1]["step"]), f"{minutes:.1f}"]
         for name, key in REPORT_COLUMNS:
             start, end = window_means(rows, key)
             digits = 1 if key in ("response/steps", "response/length") else 2

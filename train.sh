@@ -27,7 +27,7 @@ case "$recipe" in
     for reward in success prm clip delta clip_delta minform; do
       python ppo.py --preset toy --reward "$reward" --alpha 1 --output-dir "runs/toy-ablation/$reward" "$@"
     done
-    python toy.py report runs/toy-ablation/{success,prm,clip,delta,clip_delta,minform} --out runs/toy-ablation/report ;;
+    python toy.py report runs/toy-ablation/{success,prm,clip,delta,clip_delta,minform} --out runs/toy-ablation/report.md ;;
   toy-alpha)
     export OMP_NUM_THREADS=1
     for alpha in 0.5 0.2; do
@@ -35,7 +35,7 @@ case "$recipe" in
         python ppo.py --preset toy --reward "$reward" --alpha "$alpha" --output-dir "runs/toy-alpha/$reward-$alpha" "$@"
       done
     done
-    python toy.py report runs/toy-alpha/{prm,delta}-{0.5,0.2} --out runs/toy-alpha/report ;;
+    python toy.py report runs/toy-alpha/{prm,delta}-{0.5,0.2} --out runs/toy-alpha/report.md ;;
   *)
     sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     [ -z "$recipe" ] || { echo "unknown recipe: $recipe" >&2; exit 2; } ;;

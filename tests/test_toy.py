@@ -272,18 +272,19 @@ def write_run(folder, config, rows):
 
 def test_report_table_uses_first_and_last_ten_steps(tmp_path):
     rows = [{"step": i, "reward/success": i / 20, "response/length": 20 + i, "response/steps": 4 + (i >= 15),
-             "response/truncated": 0.5 * (i >= 18), "other": 1} for i in range(1, 21)]
+             "response/truncated": 0.5 * (i >= 18), "time/step": 3.0, "other": 1} for i in range(1, 21)]
     write_run(tmp_path / "prm_a1", {"reward": "prm", "alpha": 1.0}, rows)
     write_run(tmp_path / "success", {"reward": "success", "alpha": 1.0}, rows[:5])
     table = toy.report([tmp_path / "prm_a1", tmp_path / "success"], out=None)
     lines = table.splitlines()
-    assert lines[0] == ("| run | reward | alpha | PPO steps | success | steps per response | length (tokens) "
+    assert lines[0] == ("| run | reward | alpha | PPO steps | minutes | success | steps per response | length (tokens) "
                         "| truncated |")
     # first ten steps 1..10: success mean 5.5/20 = 0.275, length 25.5, steps 4, truncated 0;
     # last ten steps 11..20: success 15.5/20 = 0.775, length 35.5, steps 4.6, truncated 0.15.
-    assert lines[2] == "| prm_a1 | prm | 1 | 20 | 0.28 -> 0.78 | 4.0 -> 4.6 | 25.5 -> 35.5 | 0.00 -> 0.15 |"
+    # 20 steps of 3 s: 1.0 minute.
+    assert lines[2] == "| prm_a1 | prm | 1 | 20 | 1.0 | 0.28 -> 0.78 | 4.0 -> 4.6 | 25.5 -> 35.5 | 0.00 -> 0.15 |"
     # a run shorter than ten steps: both windows cover all of it; alpha is not shown for success only.
-    assert lines[3] == "| success | success | - | 5 | 0.15 -> 0.15 | 4.0 -> 4.0 | 23.0 -> 23.0 | 0.00 -> 0.00 |"
+    assert lines[3] == "| success | success | - | 5 | 0.2 | 0.15 -> 0.15 | 4.0 -> 4.0 | 23.0 -> 23.0 | 0.00 -> 0.00 |"
 
     out = tmp_path / "out" / "table.md"
     toy.main(["report", str(tmp_path / "prm_a1"), "--out", str(out)])
