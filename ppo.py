@@ -491,8 +491,11 @@ def load_problems(source: str, split: str, cfg: Config) -> list[dict]:
         import toy
 
         return toy.problems(5000 if split == "train" else 200, seed=cfg.seed, split=split)
-    return data.load_problems(source, split, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
-                              skip_bad_rows=cfg.skip_bad_rows)
+    try:
+        return data.load_problems(source, split, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
+                                  skip_bad_rows=cfg.skip_bad_rows)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"{'--train-data' if split == 'train' else '--eval-data'}: {err}") from err
 
 
 def load_prm(cfg: Config, device: torch.device, dtype: torch.dtype):
@@ -814,19 +817,18 @@ def main(argv: list[str] | None = None) -> None:
     resolve_local_models(cfg, rank)
     if rank == 0:
         (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    # Data first: a bad source or row fails before any model is loaded. The order is the same on every rank;
+    # each rank takes its slice of every step's problems.
+    train_rows = load_problems(cfg.train_data, "train", cfg)
+    eval_problems = load_problems(cfg.eval_data, "test", cfg)[:cfg.eval_size] if cfg.eval_every else None
     ctx = setup(cfg, rank, world, device)
     torch.manual_seed(cfg.seed + rank)  # per-rank sampling seed, set after loading; the data order has its own
     random.seed(cfg.seed + rank)
-
-    # Data: the same order on every rank; each rank takes its slice of every step's problems.
-    problems, dropped = data.tokenize_prompts(ctx["tokenizer"], load_problems(cfg.train_data, "train", cfg), cfg.max_prompt_tokens)
+    problems, dropped = data.tokenize_prompts(ctx["tokenizer"], train_rows, cfg.max_prompt_tokens)
     if rank == 0 and dropped:
         print(f"--train-data: dropped {dropped} prompts longer than --max-prompt-tokens {cfg.max_prompt_tokens}", file=sys.stderr)
     sampler = data.PromptSampler(problems, cfg.prompts_per_step, seed=cfg.seed)
     per_rank = cfg.prompts_per_step // world
-    eval_problems = None
-    if cfg.eval_every:
-        eval_problems = load_problems(cfg.eval_data, "test", cfg)[:cfg.eval_size]
 
     (policy_opt, _), (critic_opt, _) = ctx["optimizers"]
     checkpoint = (run, ctx["policy"], ctx["critic"], policy_opt, critic_opt, sampler, cfg, rank)

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,8 @@ def test_resume_refuses_a_checkpoint_from_another_config(cache_dir, tmp_path):
     (["--reward", "orm", "--orm", "none"], "--reward orm needs --orm"),
     (["--prompts-per-step", "3", "--samples-per-prompt", "1", "--ppo-minibatches", "2"], "--ppo-minibatches 2 does not divide"),
     (["--model", "./no/such/model"], "--model: no such folder"),
+    (["--train-data", str(Path(__file__).parent / "fixtures" / "bad" / "rows.jsonl")], "--train-data: .*rows.jsonl row"),
+    (["--train-data", "nosuchsource"], "--train-data: data source 'nosuchsource'"),
 ])
 def test_bad_input_is_named_before_any_work(cache_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
