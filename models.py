@@ -42,6 +42,16 @@ def _hub_error(flag: str, name: str, err: Exception) -> RuntimeError:
     )
 
 
+def load_config(name: str, flag: str, trust_remote_code: bool = False):
+    """A model's config (no weights, no code unless trusted), with the error that names the flag."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(flag, name, err) from err
+
+
 def load_tokenizer(name: str, flag: str = "--model", trust_remote_code: bool = False):
     """Tokenizer with left padding (prompts are left-padded for generation) and a pad token."""
     from transformers import AutoTokenizer
@@ -136,18 +146,14 @@ def generate(
     for row, ids in enumerate(prompt_ids):
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         attention_mask[row, width - len(ids):] = 1
+    from transformers import GenerationConfig
+
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    out = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        repetition_penalty=1.0,
-        eos_token_id=stop_ids,
-        pad_token_id=pad_id,
-        use_cache=True,
-        **sampling,
-    )
+    # A fresh config, not the checkpoint's: nothing but these settings shapes the distribution.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+                              repetition_penalty=1.0, use_cache=True, **sampling)
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         generation_config=config)
     responses = []
     stop = set(stop_ids)
     for row in out[:, width:].tolist():
@@ -399,7 +405,8 @@ class gathered:
 
 
 def export_hf(model: nn.Module, tokenizer, folder: str | Path, rank: int = 0) -> None:
-    """Save the (possibly sharded) policy as an HF folder of safetensors that `from_pretrained` loads.
+    """Save the (possibly sharded) policy or critic as an HF folder of safetensors that `from_pretrained`
+    (the critic: `Critic.load`, i.e. `--critic`) loads.
 
     Every rank takes part in gathering the full state dict; rank 0 writes it.
     """
@@ -407,5 +414,8 @@ def export_hf(model: nn.Module, tokenizer, folder: str | Path, rank: int = 0) ->
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        if isinstance(model, Critic):  # backbone folder + value_head.safetensors: what --critic loads
+            model.save(folder, state)
+        else:
+            model.save_pretrained(folder, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(folder)

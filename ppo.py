@@ -67,7 +67,7 @@ class Config:
     model: str = arg("Qwen/Qwen2.5-Math-1.5B-Instruct", "policy (and reference) checkpoint: local folder or hub id")
     critic: str | None = arg(None, "critic checkpoint; default: the policy's backbone with a fresh zero-initialised value head")
     prm: str = arg("peiyi9979/math-shepherd-mistral-7b-prm", "process reward model: hub id or folder, module:function (any callable with the PRM interface), or none")
-    prm_format: str = arg("step_tag", "PRM input format: step_tag (Math-Shepherd) or token_classifier (Qwen2.5-Math-PRM, needs --trust-remote-code)")
+    prm_format: str = arg("auto", "PRM input format: step_tag (Math-Shepherd), token_classifier (Qwen2.5-Math-PRM), or auto: from the PRM's config")
     orm: str = arg("none", "outcome reward model (sequence classifier, sigmoid score) for --reward orm: hub id, folder, or none")
     trust_remote_code: bool = arg(False, "allow model code from the hub (Qwen2.5-Math-PRM needs it); never set by a preset")
     gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass of policy and critic (less memory, ~30%% slower)")
@@ -87,7 +87,7 @@ class Config:
     temperature: float = arg(1.0, "sampling temperature; every policy/reference forward divides logits by it")
     generation_batch_size: int = arg(64, "responses generated at once per rank (bounds the KV cache)")
     # --- reward ---
-    reward: str = arg("clip_delta", "reward: success, orm, prm, clip, delta, clip_delta, minform (see README)")
+    reward: str = arg("clip_delta", "reward: success (1/0 on the final answer, the paper's), orm, prm, clip, delta, clip_delta, minform (see README)")
     alpha: float = arg(1.0, "weight of the PRM/ORM term against the 1/0 success reward (ours: the paper does not say)")
     eta: float = arg(0.5, "Clip threshold: step reward min(score - eta, 0) (ours: penalise steps the PRM thinks more likely wrong than right)")
     minform_temperature: float = arg(0.1, "temperature of PURE's softmin weights for --reward minform (PURE's value)")
@@ -117,11 +117,11 @@ class Config:
 PRESETS: dict[str, dict] = {
     # The paper's models with a public PRM. Math-Shepherd's PRM was trained by the method the paper used.
     "qwen2.5-math-1.5b": dict(model="Qwen/Qwen2.5-Math-1.5B-Instruct", prm="peiyi9979/math-shepherd-mistral-7b-prm",
-                              prm_format="step_tag", max_new_tokens=1024),
+                              max_new_tokens=1024),
     "qwen2.5-math-7b": dict(model="Qwen/Qwen2.5-Math-7B-Instruct", prm="peiyi9979/math-shepherd-mistral-7b-prm",
-                            prm_format="step_tag", max_new_tokens=1024, generation_batch_size=32),
+                            max_new_tokens=1024, generation_batch_size=32),
     # Tiny random models built locally (models.build_tiny): a smoke test, not for learning.
-    "tiny": dict(model="tiny", prm="tiny", prm_format="step_tag", orm="tiny", train_data="tiny", eval_data="tiny",
+    "tiny": dict(model="tiny", prm="tiny", orm="tiny", train_data="tiny", eval_data="tiny",
                  prompts_per_step=4, samples_per_prompt=2, max_new_tokens=16, ppo_minibatches=2,
                  micro_batch_tokens=256, gradient_checkpointing=False, steps=4, policy_lr=1e-4, critic_lr=1e-4, warmup_steps=0,
                  log_samples_every=1, output_dir="runs/tiny", max_prompt_tokens=256),
@@ -131,6 +131,10 @@ PRESETS: dict[str, dict] = {
                 policy_lr=3e-5, critic_lr=1e-4, warmup_steps=0, beta=0.02, alpha=1.0, eta=0.5, steps=120,
                 micro_batch_tokens=4096, gradient_checkpointing=False, log_samples_every=10, output_dir="runs/toy", max_prompt_tokens=64),
 }
+
+# (good, bad, tag) token ids of the Math-Shepherd PRM as its model card reads them: a guard against a tokenizer
+# that loads differently (the scores would be silently wrong).
+MATH_SHEPHERD_IDS = {"peiyi9979/math-shepherd-mistral-7b-prm": (648, 387, 12902)}
 
 # Fields that may change between a checkpoint and its resumed run; any other difference is a config error.
 RESUMABLE_FIELDS = {"steps", "resume", "save_every", "keep_checkpoints", "log_samples_every", "eval_every",
@@ -147,12 +151,12 @@ def parse_config(argv: list[str] | None = None) -> Config:
             parser.error(f"--preset: unknown '{preset}'; choose one of {', '.join(PRESETS)}")
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
-    if args.step_delimiter:
-        args.step_delimiter = args.step_delimiter.encode().decode("unicode_escape")  # "\n\n" typed on a shell
+    # "\n\n" typed on a shell arrives as backslash-n: read the two escapes people type, leave the rest as is.
+    args.step_delimiter = args.step_delimiter.replace("\\n", "\n").replace("\\t", "\t")
     return Config(**vars(args))
 
 
-def validate(cfg: Config, world_size: int) -> None:
+def validate(cfg: Config, world: int) -> None:
     """Fail before any model is loaded, naming the flag."""
     choices = ["success", "orm", *rewards.STEP_TRANSFORMS]  # read now: a transform registered later counts too
     if cfg.reward not in choices:
@@ -161,11 +165,11 @@ def validate(cfg: Config, world_size: int) -> None:
         raise SystemExit(f"--reward {cfg.reward} needs a process reward model, but --prm is none")
     if cfg.reward == "orm" and cfg.orm == "none":
         raise SystemExit("--reward orm needs --orm (an outcome reward model)")
-    if cfg.prm_format not in ("step_tag", "token_classifier"):
-        raise SystemExit(f"--prm-format: unknown '{cfg.prm_format}'; choose step_tag or token_classifier")
-    if cfg.prompts_per_step % world_size:
-        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not divide over {world_size} ranks")
-    per_rank = cfg.prompts_per_step // world_size * cfg.samples_per_prompt
+    if cfg.prm_format not in ("auto", "step_tag", "token_classifier"):
+        raise SystemExit(f"--prm-format: unknown '{cfg.prm_format}'; choose auto, step_tag or token_classifier")
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not divide over {world} ranks")
+    per_rank = cfg.prompts_per_step // world * cfg.samples_per_prompt
     if per_rank % cfg.ppo_minibatches:
         raise SystemExit(f"--ppo-minibatches {cfg.ppo_minibatches} does not divide the {per_rank} responses per rank "
                          f"(--prompts-per-step / ranks * --samples-per-prompt)")
@@ -179,6 +183,8 @@ def validate(cfg: Config, world_size: int) -> None:
     if not cfg.resume and (Path(cfg.output_dir) / "checkpoints" / "latest").exists():
         raise SystemExit(f"--output-dir {cfg.output_dir} holds another run's checkpoints: pass --resume to continue "
                          "it, or choose a new --output-dir")
+    if cfg.resume:
+        check_resumable(cfg, world)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -377,7 +383,7 @@ def equalise(groups: list[list[int]]) -> list[tuple[list[int], float]]:
 # -------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, cfg: Config, rank: int, *, step: int, keep: int):
+def save_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, config: dict, rank: int, *, step: int, keep: int):
     """Sharded checkpoint under <run>/checkpoints/step_N, then an atomic `latest` pointer.
 
     Written into step_N.tmp and renamed when complete, so a kill mid-save leaves the previous one usable.
@@ -404,7 +410,7 @@ def save_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, 
     barrier()
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps({"step": step, "sampler": sampler.state_dict(), "world_size": world_size(),
-                                                    "config": dataclasses.asdict(cfg)}, indent=1))
+                                                    "config": config}, indent=1))
         latest = root / "latest"
         if final.exists() and not (latest.exists() and latest.read_text().strip() == final.name):
             shutil.rmtree(final)  # left by a kill between the rename and the pointer update: never pointed to
@@ -418,24 +424,34 @@ def save_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, 
     barrier()
 
 
-def load_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, cfg: Config, rank: int) -> int:
-    """Restore everything `save_checkpoint` wrote from <run>/checkpoints/latest; returns the step."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
+def latest_checkpoint(run: Path) -> tuple[Path, dict]:
+    """(folder, state.json) of <run>/checkpoints/latest."""
     root = run / "checkpoints"
     if not (root / "latest").is_file():
         raise SystemExit(f"--resume: no checkpoint in {root} (no 'latest' file)")
     folder = root / (root / "latest").read_text().strip()
-    state = json.loads((folder / "state.json").read_text())
+    return folder, json.loads((folder / "state.json").read_text())
+
+
+def check_resumable(cfg: Config, world: int) -> None:
+    """A checkpoint continues only the configuration (as given on the command line) and world size it came from."""
+    folder, state = latest_checkpoint(Path(cfg.output_dir))
     saved, current = state["config"], dataclasses.asdict(cfg)
     diff = [k for k in current if k not in RESUMABLE_FIELDS and saved.get(k) != current[k]]
     if diff:
         raise SystemExit(f"--resume: checkpoint {folder} was written with a different config: " +
                          ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in diff))
-    if state["world_size"] != world_size():
-        raise SystemExit(f"--resume: {folder} was saved by {state['world_size']} ranks, this run has {world_size()}: "
+    if state["world_size"] != world:
+        raise SystemExit(f"--resume: {folder} was saved by {state['world_size']} ranks, this run has {world}: "
                          "resume under the same number of ranks (the RNG state and the data slices are per rank)")
+
+
+def load_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, config: dict, rank: int) -> int:
+    """Restore everything `save_checkpoint` wrote from <run>/checkpoints/latest; returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder, state = latest_checkpoint(run)
     rng_file = folder / f"rng_rank{rank}.pt"
     policy_sd, policy_opt_sd = get_state_dict(policy, policy_opt)
     critic_sd, critic_opt_sd = get_state_dict(critic, critic_opt)
@@ -474,7 +490,7 @@ def resolve_local_models(cfg: Config, rank: int) -> None:
                 paths = models.build_tiny(Path(cfg.cache_dir) / "tiny")
                 cfg.model = str(paths["policy"])
                 if cfg.prm == "tiny":
-                    cfg.prm = str(paths["step_tag_prm" if cfg.prm_format == "step_tag" else "token_classifier_prm"])
+                    cfg.prm = str(paths["token_classifier_prm" if cfg.prm_format == "token_classifier" else "step_tag_prm"])
                 if cfg.orm == "tiny":
                     cfg.orm = str(paths["orm"])
             elif cfg.model == "toy":
@@ -508,13 +524,22 @@ def load_prm(cfg: Config, device: torch.device, dtype: torch.dtype):
             return getattr(importlib.import_module(module_name), function_name)
         except (ImportError, AttributeError) as err:
             raise SystemExit(f"--prm {cfg.prm}: cannot import {function_name} from {module_name} ({err})") from err
+    config = models.load_config(cfg.prm, "--prm")
+    remote_code = "AutoModel" in (getattr(config, "auto_map", None) or {})  # e.g. Qwen2.5-Math-PRM's own class
+    prm_format = cfg.prm_format
+    if prm_format == "auto":
+        classifier = remote_code or any(a.endswith(("TokenClassification", "ProcessRewardModel"))
+                                        for a in config.architectures or [])
+        prm_format = "token_classifier" if classifier else "step_tag"
     tokenizer = models.load_tokenizer(cfg.prm, "--prm", cfg.trust_remote_code)
-    if cfg.prm_format == "step_tag":
+    if prm_format == "step_tag":
         model = models.load_model(cfg.prm, flag="--prm", dtype=dtype, device=device)
-        return rewards.StepTagPRM(model.requires_grad_(False), tokenizer)
-    from transformers import AutoConfig
-
-    remote_code = "AutoModel" in (getattr(AutoConfig.from_pretrained(cfg.prm), "auto_map", None) or {})
+        prm = rewards.StepTagPRM(model.requires_grad_(False), tokenizer)
+        expected = MATH_SHEPHERD_IDS.get(cfg.prm)
+        if expected and (prm.good_id, prm.bad_id, prm.tag_id) != expected:
+            raise SystemExit(f"--prm {cfg.prm}: its tokenizer gives ids {(prm.good_id, prm.bad_id, prm.tag_id)} for "
+                             f"'+', '-', 'ки', but the model card reads {expected}: the tokenizer loads differently here")
+        return prm
     if remote_code and not cfg.trust_remote_code:
         raise SystemExit(f"--prm {cfg.prm} runs model code from the hub; pass --trust-remote-code if you trust it")
     model = models.load_model(cfg.prm, "AutoModel" if remote_code else "AutoModelForTokenClassification",
@@ -545,10 +570,11 @@ class RunLog:
         self.tensorboard = None
         if not enabled:
             return
-        metrics = run / "metrics.jsonl"
-        if metrics.exists():  # a resumed run continues the file; steps after the checkpoint are redone
-            kept = [l for l in metrics.read_text().splitlines() if l and json.loads(l)["step"] <= resumed_step]
-            metrics.write_text("".join(l + "\n" for l in kept))
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            path = run / name
+            if path.exists():  # a resumed run continues the file; steps after the checkpoint are redone
+                kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= resumed_step]
+                path.write_text("".join(l + "\n" for l in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -809,6 +835,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     rank, world, device = models.init_distributed()
     validate(cfg, world)
+    requested = dataclasses.asdict(cfg)  # as given, before local models resolve to paths: what --resume compares
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -831,7 +858,7 @@ def main(argv: list[str] | None = None) -> None:
     per_rank = cfg.prompts_per_step // world
 
     (policy_opt, _), (critic_opt, _) = ctx["optimizers"]
-    checkpoint = (run, ctx["policy"], ctx["critic"], policy_opt, critic_opt, sampler, cfg, rank)
+    checkpoint = (run, ctx["policy"], ctx["critic"], policy_opt, critic_opt, sampler, requested, rank)
     start = 0
     if cfg.resume:
         start = load_checkpoint(*checkpoint)
@@ -860,6 +887,7 @@ def main(argv: list[str] | None = None) -> None:
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 save_checkpoint(*checkpoint, step=step, keep=cfg.keep_checkpoints)
     models.export_hf(ctx["policy"], ctx["tokenizer"], run / "policy", rank)
+    models.export_hf(ctx["critic"], ctx["tokenizer"], run / "critic", rank)
     if rank == 0:
         print(f"done: metrics in {run / 'metrics.jsonl'}, policy in {run / 'policy'}", file=sys.stderr)
     if dist.is_initialized():

@@ -4,35 +4,39 @@
 #   bash train.sh paper-1.5b          Qwen2.5-Math-1.5B-Instruct + Math-Shepherd PRM, Clip-Delta, one node of 8 GPUs
 #   bash train.sh paper-7b            Qwen2.5-Math-7B-Instruct + Math-Shepherd PRM, Clip-Delta, one node of 8 x 80 GB
 #   bash train.sh cpu-tiny            the tiny preset on 2 CPU ranks (gloo): the distributed path without a GPU
-#   bash train.sh toy-ablation        the CPU toy world: every reward at alpha = 1, then a table and a plot
+#   bash train.sh toy-ablation        the CPU toy world: every reward at alpha = 1, then a table (and a plot: .[plot])
 #   bash train.sh toy-alpha           the toy world: prm and delta at alpha = 0.5 and 0.2
 #
 # Example: bash train.sh paper-1.5b --reward delta --output-dir runs/delta
 set -euo pipefail
 cd "$(dirname "$0")"
+# Rerunning a recipe continues its run folders (a finished run only re-exports its policy) instead of refusing them.
+resume_if_started() { if [ -f "$1/checkpoints/latest" ]; then echo --resume; fi; }
 recipe=${1:-}
 shift || true
 case "$recipe" in
   paper-1.5b)
     torchrun --standalone --nproc_per_node 8 ppo.py --preset qwen2.5-math-1.5b --reward clip_delta \
-      --output-dir runs/paper-1.5b "$@" ;;
+      --output-dir runs/paper-1.5b $(resume_if_started runs/paper-1.5b) "$@" ;;
   paper-7b)
     torchrun --standalone --nproc_per_node 8 ppo.py --preset qwen2.5-math-7b --reward clip_delta \
-      --output-dir runs/paper-7b "$@" ;;
+      --output-dir runs/paper-7b $(resume_if_started runs/paper-7b) "$@" ;;
   cpu-tiny)
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 ppo.py --preset tiny --reward clip_delta \
-      --output-dir runs/cpu-tiny "$@" ;;
+      --output-dir runs/cpu-tiny $(resume_if_started runs/cpu-tiny) "$@" ;;
   toy-ablation)
     export OMP_NUM_THREADS=1   # one thread is as fast for these sizes, and results do not depend on the core count
     for reward in success prm clip delta clip_delta minform; do
-      python ppo.py --preset toy --reward "$reward" --alpha 1 --output-dir "runs/toy-ablation/$reward" "$@"
+      out="runs/toy-ablation/$reward"
+      python ppo.py --preset toy --reward "$reward" --alpha 1 --output-dir "$out" $(resume_if_started "$out") "$@"
     done
     python toy.py report runs/toy-ablation/{success,prm,clip,delta,clip_delta,minform} --out runs/toy-ablation/report.md ;;
   toy-alpha)
     export OMP_NUM_THREADS=1
     for alpha in 0.5 0.2; do
       for reward in prm delta; do
-        python ppo.py --preset toy --reward "$reward" --alpha "$alpha" --output-dir "runs/toy-alpha/$reward-$alpha" "$@"
+        out="runs/toy-alpha/$reward-$alpha"
+        python ppo.py --preset toy --reward "$reward" --alpha "$alpha" --output-dir "$out" $(resume_if_started "$out") "$@"
       done
     done
     python toy.py report runs/toy-alpha/{prm,delta}-{0.5,0.2} --out runs/toy-alpha/report.md ;;

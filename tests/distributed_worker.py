@@ -38,9 +38,9 @@ def fingerprint(model) -> dict[str, float]:
     return {k: float(v.double().sum()) for k, v in sorted(state.items())}
 
 
-def update(rollout_path: str, out: str, reward: str, cache_dir: str) -> None:
+def update(rollout_path: str, out: str, reward: str, cache_dir: str, extra: list[str]) -> None:
     cfg = ppo.parse_config(["--preset", "tiny", "--reward", reward, "--cache-dir", cache_dir, "--ppo-epochs", "2",
-                            "--ppo-minibatches", "1", "--micro-batch-tokens", "64", "--prm", "none"])
+                            "--ppo-minibatches", "1", "--micro-batch-tokens", "64", "--prm", "none", *extra])
     rank, world, device = models.init_distributed()
     ppo.resolve_local_models(cfg, rank)
     ctx = ppo.setup(cfg, rank, world, device)
@@ -109,8 +109,8 @@ if __name__ == "__main__":
     parser.add_argument("paths", nargs="+")
     parser.add_argument("--reward", default="prm")
     parser.add_argument("--cache-dir", required=True)
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # the rest goes to ppo's config
     if args.command == "update":
-        update(*args.paths, args.reward, args.cache_dir)
+        update(*args.paths, args.reward, args.cache_dir, extra)
     else:
         generate(*args.paths, args.cache_dir)

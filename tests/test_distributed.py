@@ -55,9 +55,10 @@ def saved_rollout(cache_dir, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("reward", ["prm", "clip_delta"])
-def test_update_with_two_ranks_equals_one_process(saved_rollout, cache_dir, tmp_path, reward):
-    args = ["tests/distributed_worker.py", "update", str(saved_rollout), "{out}", "--reward", reward, "--cache-dir", cache_dir]
+@pytest.mark.parametrize("reward,extra", [("prm", []), ("clip_delta", ["--gradient-checkpointing"])])
+def test_update_with_two_ranks_equals_one_process(saved_rollout, cache_dir, tmp_path, reward, extra):
+    args = ["tests/distributed_worker.py", "update", str(saved_rollout), "{out}", "--reward", reward, "--cache-dir", cache_dir,
+            *extra]
     results = {}
     for name, nproc in (("single", None), ("two_ranks", 2)):
         out = tmp_path / f"{name}.json"

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import ppo
 import rewards
@@ -114,9 +115,10 @@ def test_eval_every_logs_greedy_accuracy(cache_dir, tmp_path):
 
 def test_a_transform_registered_at_run_time_is_a_reward_choice(cache_dir, tmp_path, monkeypatch):
     """The README's "add your own transform": one dict entry, and --reward accepts it."""
-    monkeypatch.setitem(rewards.STEP_TRANSFORMS, "threshold", lambda scores, cfg: (scores > cfg.eta).float() - 1.0)
-    metrics = run(cache_dir, tmp_path, "--reward", "threshold", "--steps", "1")
-    assert metrics[0]["reward/process"] <= 0
+    monkeypatch.setitem(rewards.STEP_TRANSFORMS, "flat", lambda scores, cfg: torch.full_like(scores, -0.25))
+    metrics = run(cache_dir, tmp_path, "--reward", "flat", "--steps", "1", "--alpha", "2")
+    # alpha * (-0.25) on every step of every response
+    assert metrics[0]["reward/process"] == pytest.approx(-0.5 * metrics[0]["response/steps"])
 
 
 def test_a_kill_mid_save_leaves_the_previous_checkpoint_usable(cache_dir, tmp_path):
@@ -133,3 +135,17 @@ def test_a_kill_mid_save_leaves_the_previous_checkpoint_usable(cache_dir, tmp_pa
     # A new run does not silently mix with an old run's checkpoints.
     with pytest.raises(SystemExit, match="holds another run's checkpoints"):
         run(cache_dir, tmp_path, "--steps", "3")
+
+
+def test_keeps_the_last_n_checkpoints_and_exports_a_critic_that_reloads(cache_dir, tmp_path):
+    run(cache_dir, tmp_path, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "2")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_3", "step_4"]
+    import models
+    import torch.distributed.checkpoint as dcp
+
+    critic = models.Critic.load(str(tmp_path / "critic"), flag="--critic")
+    state = {"critic": {k: torch.zeros_like(v) for k, v in critic.state_dict().items()}}
+    dcp.load(state, checkpoint_id=str(tmp_path / "checkpoints" / "step_4"), no_dist=True)
+    for key, value in critic.state_dict().items():
+        assert torch.equal(value, state["critic"][key]), key
+    assert critic.value_head.weight.abs().sum() > 0  # trained, not a fresh zero head
