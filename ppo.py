@@ -776,6 +776,8 @@ def train_on_rollout(cfg: Config, step: int, ro: dict, ctx: dict) -> dict:
         "throughput/tokens_per_s": (valid_tokens + totals["prompt_tokens"]) / (rollout_time + t_update),
         "throughput/generated_tokens_per_s": valid_tokens / max(ro["time"]["time/rollout"], 1e-9),
     }
+    if device.type == "cuda":  # this rank's peak since the run started
+        metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     ro["step_rewards"] = step_rewards
     return {k: float(v) for k, v in metrics.items()}
 
@@ -810,8 +812,8 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     critic = models.Critic.load(cfg.critic or cfg.model, flag="--critic" if cfg.critic else "--model",
                                 device=load_device, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        critic.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy, critic = place(policy, trained=True), place(critic, trained=True)
     reference = place(models.load_model(cfg.model, flag="--model", dtype=reference_dtype, device=load_device,
                                         trust_remote_code=cfg.trust_remote_code).requires_grad_(False), trained=False)

@@ -3,6 +3,7 @@
 #
 #   bash train.sh paper-1.5b          Qwen2.5-Math-1.5B-Instruct + Math-Shepherd PRM, Clip-Delta, one node of 8 GPUs
 #   bash train.sh paper-7b            Qwen2.5-Math-7B-Instruct + Math-Shepherd PRM, Clip-Delta, one node of 8 x 80 GB
+#   bash train.sh bench-1.5b          GPU speed and memory of the real 1.5B shape with random weights, no download
 #   bash train.sh cpu-tiny            the tiny preset on 2 CPU ranks (gloo): the distributed path without a GPU
 #   bash train.sh toy-ablation        the CPU toy world: every reward at alpha = 1, then a table (and a plot: .[plot])
 #   bash train.sh toy-alpha           the toy world: prm and delta at alpha = 0.5 and 0.2
@@ -21,6 +22,24 @@ case "$recipe" in
   paper-7b)
     torchrun --standalone --nproc_per_node 8 ppo.py --preset qwen2.5-math-7b --reward clip_delta \
       --output-dir runs/paper-7b $(resume_if_started runs/paper-7b) "$@" ;;
+  bench-1.5b)
+    # Speed and memory of the real Qwen2-1.5B shape with random weights (nothing to download): a model is built
+    # from ../shared/qwen2-tokenizer (max_position_embeddings 4096, as Qwen2.5-Math) and trained with the
+    # success reward for a few steps; metrics.jsonl then holds time/*, throughput/* and memory/peak_gb.
+    # NPROC=8 bash train.sh bench-1.5b for a node.
+    python - "${QWEN2_DIR:-../shared/qwen2-tokenizer}" runs/bench-1.5b-model <<'PY'
+import sys
+import torch
+from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
+source, out = sys.argv[1:]
+config = AutoConfig.from_pretrained(source, max_position_embeddings=4096)
+torch.manual_seed(0)
+Qwen2ForCausalLM(config).save_pretrained(out, safe_serialization=True)
+AutoTokenizer.from_pretrained(source, padding_side="left").save_pretrained(out)
+PY
+    torchrun --standalone --nproc_per_node "${NPROC:-1}" ppo.py --model runs/bench-1.5b-model --reward success \
+      --prm none --train-data tiny --steps 3 --prompts-per-step "${NPROC:-1}" --samples-per-prompt 16 \
+      --max-new-tokens 1024 --ppo-minibatches 1 --output-dir runs/bench-1.5b "$@" ;;
   cpu-tiny)
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 ppo.py --preset tiny --reward clip_delta \
       --output-dir runs/cpu-tiny $(resume_if_started runs/cpu-tiny) "$@" ;;
@@ -41,6 +60,6 @@ case "$recipe" in
     done
     python toy.py report runs/toy-alpha/{prm,delta}-{0.5,0.2} --out runs/toy-alpha/report.md ;;
   *)
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     [ -z "$recipe" ] || { echo "unknown recipe: $recipe" >&2; exit 2; } ;;
 esac
