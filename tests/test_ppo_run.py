@@ -149,3 +149,8 @@ def test_keeps_the_last_n_checkpoints_and_exports_a_critic_that_reloads(cache_di
     for key, value in critic.state_dict().items():
         assert torch.equal(value, state["critic"][key]), key
     assert critic.value_head.weight.abs().sum() > 0  # trained, not a fresh zero head
+
+
+def test_an_unreachable_hub_id_names_the_flag_the_id_and_the_local_presets(cache_dir, tmp_path):
+    with pytest.raises(RuntimeError, match=r"(?s)--model: could not load .nobody/no-such-model.*--preset tiny"):
+        run(cache_dir, tmp_path, "--model", "nobody/no-such-model", "--steps", "1")
