@@ -672,6 +672,7 @@ def train_on_rollout(cfg: Config, step: int, ro: dict, ctx: dict) -> dict:
     # 3. Rewards on tokens: success (+ alpha * ORM) on the last token, alpha * transformed step scores on the
     #    tokens that end the steps, and the KL penalty on every token.
     step_rewards = rewards.step_rewards(ro["step_scores"], cfg.reward, cfg, cfg.alpha)
+    ro["step_rewards"] = step_rewards  # kept with the rollout for samples.jsonl
     step_ends = ro["step_ends"] if cfg.reward in rewards.STEP_TRANSFORMS else [[] for _ in step_rewards]
     placed = rewards.place_rewards(ro["sequence_reward"], step_rewards, step_ends, mask)
     kl = (ro["old_logp"] - ro["ref_logp"]) * mask
@@ -778,7 +779,6 @@ def train_on_rollout(cfg: Config, step: int, ro: dict, ctx: dict) -> dict:
     }
     if device.type == "cuda":  # this rank's peak since the run started
         metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    ro["step_rewards"] = step_rewards
     return {k: float(v) for k, v in metrics.items()}
 
 
