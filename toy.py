@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+import data
 import models
 import rewards
 
@@ -219,18 +220,17 @@ def build_tokenizer():
     decode(encode(x)) == x for any text over SYMBOLS. Characters outside SYMBOLS are dropped by `encode`
     (BPE without an unknown token), so a toy prompt must hold only the problem itself.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    qwen2_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
     byte_form = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     symbols = ["".join(piece for piece, _ in byte_form.pre_tokenize_str(c)) for c in dict.fromkeys(SYMBOLS)]
     vocab = {token: i for i, token in enumerate([PAD_TOKEN, EOS_TOKEN, *symbols])}
-    chars = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False, byte_fallback=False))
+    chars = Tokenizer(BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False, byte_fallback=False))
     chars.normalizer = normalizers.NFC()
     chars.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(qwen2_split), behavior="isolated"), byte_form,
+        pre_tokenizers.Split(Regex(models.QWEN2_SPLIT_PATTERN), behavior="isolated"), byte_form,
     ])
     chars.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
@@ -242,12 +242,6 @@ def build_tokenizer():
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
-
-
-def format_prompt(tokenizer, problem: str) -> str:
-    """The prompt text the policy sees, as data.format_prompt renders it through the chat template."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": problem}], add_generation_prompt=True,
-                                         tokenize=False)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -342,7 +336,7 @@ def _build_warm_start(out: Path, seed: int, config: dict) -> None:
         rows = []
         for _ in range(config["batch_size"]):
             start, ops = sample_chain(rng, rng.randint(2, 3))
-            prompt = tokenizer.encode(format_prompt(tokenizer, expression(start, ops)))
+            prompt = tokenizer.encode(data.format_prompt(tokenizer, expression(start, ops)))
             solution = tokenizer.encode(write_solution(
                 start, ops, rng, config["slip_fraction"], config["redundant_fraction"])) + [eos]
             rows.append((prompt, solution))
@@ -400,7 +394,7 @@ def measure(model_dir: str | Path, items: list[dict], *, greedy: bool, temperatu
     success = steps = length = truncated = 0
     for i in range(0, len(items), batch_size):
         batch = items[i:i + batch_size]
-        prompts = [tokenizer.encode(format_prompt(tokenizer, item["problem"])) for item in batch]
+        prompts = [tokenizer.encode(data.format_prompt(tokenizer, item["problem"])) for item in batch]
         responses = models.generate(model, prompts, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids,
                                     max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy)
         for item, ids in zip(batch, responses):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import models
+import data
 import toy
 
 # -------------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def test_chat_template_renders_only_the_last_user_message(char_tokenizer):
     prompt = char_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt == "((3+4)*2)-5\n\n"
     assert char_tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False) == "((3+4)*2)-5"
-    assert toy.format_prompt(char_tokenizer, "(3+4)*2") == "(3+4)*2\n\n"
+    assert data.format_prompt(char_tokenizer, "(3+4)*2") == "(3+4)*2\n\n"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def test_warm_start_is_deterministic_and_loads_like_a_checkpoint(tmp_path):
     assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 1
     assert models.stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id]
     assert tokenizer.decode(tokenizer.encode("(3+4)*2\n\n")) == "(3+4)*2\n\n"
-    assert toy.format_prompt(tokenizer, "(3+4)*2") == "(3+4)*2\n\n"  # the chat template travels with it
+    assert data.format_prompt(tokenizer, "(3+4)*2") == "(3+4)*2\n\n"  # the chat template travels with it
     assert json.loads((first / "toy.json").read_text())["seed"] == 5
 
 
