@@ -291,10 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         print(report(result, cfg))
         print(f"wrote {out / 'results.json'} and {out / 'responses.jsonl'}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return result
 
 
 if __name__ == "__main__":
     main()
+    models.end_distributed()  # under torchrun: end the rank safely (see its docstring); alone: nothing

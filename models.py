@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -357,6 +358,27 @@ def init_distributed() -> tuple[int, int, torch.device]:
         return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
     dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def end_distributed() -> None:
+    """End a torchrun worker: wait for every rank, destroy the process group, flush, and exit with status 0
+    without Python's interpreter finalisation. A no-op in a single process (nothing to end).
+
+    Why not a plain return: after `destroy_process_group` gloo's C++ backend stays referenced from C++ once
+    FSDP2 has used it, so its worker threads live on into interpreter finalisation. A worker thread that
+    drops its last reference to a finished collective's tensors (e.g. an export all-gather's) must take the
+    GIL to free their Python objects; during finalisation that ends the thread with pthread_exit inside a
+    noexcept destructor, so the rank dies with "terminate called without an active exception" (SIGABRT)
+    at random, more often on a loaded machine. `os._exit` ends all threads at once, before that can happen.
+    Call it last: atexit handlers do not run after it (close files and pools before).
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def shard(model: nn.Module, *, trained: bool, gpu: bool) -> None:

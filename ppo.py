@@ -2,16 +2,19 @@
 Time for LLM Reasoning" (Gao et al., arXiv 2410.15115).
 
 What the algorithm really is. Each PPO step:
-  1. rollout   sample `samples_per_prompt` responses for each of `prompts_per_step` math problems;
-  2. score     recompute the sampling log-probs (policy), the reference log-probs and the critic's values;
-               grade the final answers (success reward 1/0) and score every step with a PRM;
-  3. rewards   turn step scores into step rewards with the chosen transform (raw PRM, Clip, Delta,
-               Clip-Delta, min-form; alpha-scaled), put them on the tokens that end the steps, the success
-               reward on the last token, and a KL penalty -beta * (logp - logp_ref) on every token;
-  4. GAE       per-token advantages and returns (gamma = lambda = 1 by default; the value after the last
-               response token is 0, truncated responses included);
-  5. whiten    advantages over all valid tokens of the rollout (all ranks);
-  6. update    a few epochs of clipped-ratio policy loss and clipped value loss over shuffled minibatches.
+  1. sample    `samples_per_prompt` responses (a group) for each of `prompts_per_step` math problems;
+  2. score     recompute the sampling log-probs (policy), the reference log-probs and, under gae, the
+               critic's values; grade the final answers (success reward 1/0) and score every step with a PRM;
+  3. rewards   in three parts (rewards.RolloutRewards): the outcome (success + alpha * ORM) on the last
+               token, alpha * step rewards from the chosen transform (raw PRM, Clip, Delta, Clip-Delta,
+               min-form) on the tokens that end the steps, and a KL penalty -beta * (logp - logp_ref) per token;
+  4. advantage per-token advantages by `--advantage` (ESTIMATORS): GAE with a critic (gamma = lambda = 1 by
+               default, the value after the last token 0), or critic-free REINFORCE++, RLOO or GRPO over
+               each prompt's group, the step rewards kept dense under all four;
+  5. whiten    GAE and REINFORCE++ advantages over all valid tokens of the rollout (all ranks);
+  6. update    a few epochs of clipped-ratio policy loss (and clipped value loss) over shuffled minibatches.
+
+To change the estimator, write one function beside `gae_advantages` and add it to ESTIMATORS.
 
 The paper's point is step 3: with raw PRM rewards every extra step pays, so the policy pads its solutions.
 Clip (min(score - eta, 0)) makes every step reward <= 0; Delta (score_k - score_{k+1}) telescopes so the
@@ -20,6 +23,7 @@ return cannot grow with length. See rewards.py.
 Run:
     python ppo.py --preset tiny --reward clip_delta --steps 2          # CPU smoke test, seconds
     python ppo.py --preset toy --reward prm                            # the CPU toy world (toy.py)
+    python ppo.py --preset toy --reward clip_delta --advantage grpo    # the same without a critic
     torchrun --nproc_per_node 8 ppo.py --reward delta                  # the paper's 1.5B run
     python ppo.py --help                                               # every field, with its default
 """
@@ -36,8 +40,10 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -96,6 +102,7 @@ class Config:
     answer_timeout: float = arg(10.0, "seconds before an answer check is killed and counted incorrect")
     answer_workers: int = arg(2, "processes grading answers in parallel")
     # --- PPO ---
+    advantage: str = arg("gae", "advantage estimator: gae (GAE with a critic, whitened; the paper's); critic-free: reinforce_pp (return-to-go, whitened), rloo (return-to-go minus the mean return of the prompt's other responses, not whitened; late tokens carry minus the reward before them), grpo (group-normalised outcome + group-normalised step rewards to go, sample std, eps 1e-6, not whitened); rloo and grpo need --samples-per-prompt >= 2")
     gamma: float = arg(1.0, "discount (ReaLHF's default)")
     lam: float = arg(1.0, "GAE lambda (ReaLHF's default)")
     clip_eps: float = arg(0.2, "policy ratio clip (ReaLHF's default)")
@@ -165,6 +172,14 @@ def validate(cfg: Config, world: int) -> None:
         raise SystemExit(f"--reward {cfg.reward} needs a process reward model, but --prm is none")
     if cfg.reward == "orm" and cfg.orm == "none":
         raise SystemExit("--reward orm needs --orm (an outcome reward model)")
+    if cfg.advantage not in ESTIMATORS:
+        raise SystemExit(f"--advantage: unknown '{cfg.advantage}'; choose one of {', '.join(ESTIMATORS)}")
+    if cfg.advantage not in NEEDS_CRITIC and cfg.critic:
+        raise SystemExit(f"--critic {cfg.critic}: --advantage {cfg.advantage} is critic-free and would ignore it; "
+                         "drop --critic, or use --advantage gae")
+    if cfg.advantage in ("grpo", "rloo") and cfg.samples_per_prompt < 2:
+        raise SystemExit(f"--advantage {cfg.advantage} compares the responses to one prompt: it needs "
+                         f"--samples-per-prompt >= 2, got {cfg.samples_per_prompt}")
     if cfg.prm_format not in ("auto", "step_tag", "token_classifier"):
         raise SystemExit(f"--prm-format: unknown '{cfg.prm_format}'; choose auto, step_tag or token_classifier")
     if cfg.prompts_per_step % world:
@@ -303,6 +318,98 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return ((x - mean) * torch.rsqrt(var + eps)).to(x.dtype) * mask
 
 
+# The advantage estimators: ESTIMATORS[name](reward, values, mask, groups, cfg) -> (advantages, returns or None).
+#   reward   rewards.RolloutRewards: outcome [B], step rewards at their end tokens, kl [B, T], kept apart
+#   values   [B, T] critic values, or None without a critic
+#   mask     [B, T] 1 on response tokens;  groups [B] each response's prompt (a group never spans ranks)
+# Advantages come back [B, T], 0 off the mask; returns are the critic's targets (None: no critic).
+# To add an estimator, write one function and add one entry: the rest of the code stays the same.
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G[i, t] = sum_{t' >= t} gamma^(t' - t) r[i, t'] over the response; rewards, mask [B, T] -> [B, T].
+
+        returns_to_go(tensor([[0., 1., 2., 0.]]), mask=tensor([[1., 1., 1., 0.]]), gamma=1) -> [[3., 3., 2., 0.]]
+    """
+    out = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        out[:, t] = running
+    return out
+
+
+def group_ids(groups: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Any group labels [B] -> (indices 0..n-1 [B], n)."""
+    unique, index = torch.unique(groups, return_inverse=True)
+    return index, len(unique)
+
+
+def gae_advantages(reward, values, mask, groups, cfg):
+    """GAE with the critic (the paper's): advantages whitened over all valid tokens of all ranks; returns
+    A + V are the critic's targets."""
+    advantages, returns = compute_gae(reward.on_tokens(mask), values, mask, cfg.gamma, cfg.lam)
+    return whiten(advantages, mask), returns
+
+
+def reinforce_pp_advantages(reward, values, mask, groups, cfg):
+    """REINFORCE++ (arXiv 2501.03262): A = G, the return-to-go, whitened over all valid tokens of all ranks."""
+    return whiten(returns_to_go(reward.on_tokens(mask), mask, cfg.gamma), mask), None
+
+
+def rloo_advantages(reward, values, mask, groups, cfg):
+    """RLOO (arXiv 2402.14740), dense: A[i, t] = G[i, t] - mean_{j != i in i's group} R[j], R[j] = G[j, 0].
+
+    The baseline leaves response i out, so it adds no bias, and within a response advantages differ exactly
+    by the rewards between tokens (Clip's "every step reward <= 0" and Delta's telescoping survive). Late
+    tokens carry minus the reward collected before them. Not whitened (the textbook form; whitening would
+    rescale each batch by its spread): `whiten(advantages, mask)` here is the one-line alternative.
+    """
+    G = returns_to_go(reward.on_tokens(mask), mask, cfg.gamma)
+    index, n = group_ids(groups)
+    total = G.new_zeros(n).index_add_(0, index, G[:, 0])
+    count = G.new_zeros(n).index_add_(0, index, torch.ones_like(G[:, 0]))
+    baseline = (total[index] - G[:, 0]) / (count[index] - 1)  # mean of the other responses of the group
+    return (G - baseline[:, None]) * mask, None
+
+
+def group_normalise(x: torch.Tensor, index: torch.Tensor, n: int, eps: float = 1e-6) -> torch.Tensor:
+    """(x - mean_g) / (std_g + eps) over the entries of each group, std the sample std (n - 1); a group with
+    fewer than two entries gives 0. x, index [N] (index in 0..n-1) -> [N]."""
+    count = x.new_zeros(n).index_add_(0, index, torch.ones_like(x))
+    mean = x.new_zeros(n).index_add_(0, index, x) / count.clamp_min(1)
+    var = x.new_zeros(n).index_add_(0, index, (x - mean[index]) ** 2) / (count - 1).clamp_min(1)
+    normalised = (x - mean[index]) / (var.sqrt()[index] + eps)
+    return torch.where(count[index] >= 2, normalised, torch.zeros_like(x))
+
+
+def grpo_advantages(reward, values, mask, groups, cfg):
+    """GRPO (DeepSeekMath, arXiv 2402.03300, 4.1.2 outcome + 4.1.3 process supervision), with KL in the reward:
+
+        A[i, t] = (R_out[i] - mean_g) / (std_g + eps) + sum_{k: end[i, k] >= t} s~[i, k] - beta * sum_{t' >= t} kl[i, t']
+        s~[i, k] = alpha * (u[i, k] - mean) / (std + eps),  mean and std over all steps of the group's responses
+
+    u are the transformed step rewards before alpha (normalising after alpha would cancel it); std is the
+    sample std, eps = 1e-6; a group with fewer than two step rewards gets s~ = 0. Not whitened again. The
+    step and KL sums are discounted by --gamma (1 by default, as in the paper's formula).
+    """
+    index, n = group_ids(groups)
+    device = index.device
+    outcome = group_normalise(reward.outcome.float().to(device), index, n)  # [B]
+    lengths = [len(u) for u in reward.steps]
+    step_index = index.repeat_interleave(torch.tensor(lengths, dtype=torch.long, device=device))  # [S] groups
+    all_steps = torch.cat([u.float().to(device) for u in reward.steps] + [torch.zeros(0, device=device)])  # [S]
+    normalised_steps = list((reward.alpha * group_normalise(all_steps, step_index, n)).split(lengths))
+    steps = rewards.place_rewards(torch.zeros(len(lengths), device=device), normalised_steps, reward.step_ends, mask)
+    to_go = returns_to_go(steps - reward.beta * reward.kl, mask, cfg.gamma)
+    return (outcome[:, None] + to_go) * mask, None
+
+
+ESTIMATORS = {"gae": gae_advantages, "grpo": grpo_advantages, "rloo": rloo_advantages,
+              "reinforce_pp": reinforce_pp_advantages}
+NEEDS_CRITIC = {"gae"}  # every other estimator is critic-free: no critic is loaded, run, trained or saved
+
+
 def policy_loss(logp, old_logp, advantages, mask, clip_eps: float, num_tokens: float):
     """Clipped-ratio PPO loss, summed over valid tokens and divided by `num_tokens` (the valid tokens of the
     whole minibatch over all micro-batches and ranks, so micro-batching does not change the gradient).
@@ -366,7 +473,7 @@ def collate(rollout: dict, idx: list[int], pad_id: int, device) -> dict:
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["prompt_width"] = P
     for key in ("mask", "old_logp", "ref_logp", "values", "advantages", "returns"):
-        if key in rollout:
+        if rollout.get(key) is not None:  # values and returns only under gae
             batch[key] = rollout[key][idx, :R].to(device)
     return batch
 
@@ -383,32 +490,28 @@ def equalise(groups: list[list[int]]) -> list[tuple[list[int], float]]:
 # -------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, config: dict, rank: int, *, step: int, keep: int):
-    """Sharded checkpoint under <run>/checkpoints/step_N, then an atomic `latest` pointer.
+def save_checkpoint(run_dir: Path, run: "Run", sampler, config: dict, *, step: int, keep: int):
+    """Sharded checkpoint under <run_dir>/checkpoints/step_N, then an atomic `latest` pointer.
 
     Written into step_N.tmp and renamed when complete, so a kill mid-save leaves the previous one usable.
-    Holds policy, critic, both optimisers (torch.distributed.checkpoint), the RNG states of each rank, the
-    data position and the step.
+    Holds the trained models (policy, and the critic under gae) with their optimisers
+    (torch.distributed.checkpoint), the RNG states of each rank, the data position and the step.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    root = run / "checkpoints"
+    root = run_dir / "checkpoints"
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
-    if rank == 0:
+    if run.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    policy_sd, policy_opt_sd = get_state_dict(policy, policy_opt)
-    critic_sd, critic_opt_sd = get_state_dict(critic, critic_opt)
-    dcp.save({"policy": policy_sd, "policy_opt": policy_opt_sd, "critic": critic_sd, "critic_opt": critic_opt_sd},
-             checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    dcp.save(run.trained_state(), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     rng = {"torch": torch.get_rng_state(), "python": torch.tensor(list(random.getstate()[1]), dtype=torch.long)}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    torch.save(rng, tmp / f"rng_rank{run.rank}.pt")
     barrier()
-    if rank == 0:
+    if run.rank == 0:
         (tmp / "state.json").write_text(json.dumps({"step": step, "sampler": sampler.state_dict(), "world_size": world_size(),
                                                     "config": config}, indent=1))
         latest = root / "latest"
@@ -424,9 +527,9 @@ def save_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, 
     barrier()
 
 
-def latest_checkpoint(run: Path) -> tuple[Path, dict]:
-    """(folder, state.json) of <run>/checkpoints/latest."""
-    root = run / "checkpoints"
+def latest_checkpoint(run_dir: Path) -> tuple[Path, dict]:
+    """(folder, state.json) of <run_dir>/checkpoints/latest."""
+    root = run_dir / "checkpoints"
     if not (root / "latest").is_file():
         raise SystemExit(f"--resume: no checkpoint in {root} (no 'latest' file)")
     folder = root / (root / "latest").read_text().strip()
@@ -446,20 +549,17 @@ def check_resumable(cfg: Config, world: int) -> None:
                          "resume under the same number of ranks (the RNG state and the data slices are per rank)")
 
 
-def load_checkpoint(run: Path, policy, critic, policy_opt, critic_opt, sampler, config: dict, rank: int) -> int:
-    """Restore everything `save_checkpoint` wrote from <run>/checkpoints/latest; returns the step."""
+def load_checkpoint(run_dir: Path, run: "Run", sampler) -> int:
+    """Restore everything `save_checkpoint` wrote from <run_dir>/checkpoints/latest; returns the step."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    folder, state = latest_checkpoint(run)
-    rng_file = folder / f"rng_rank{rank}.pt"
-    policy_sd, policy_opt_sd = get_state_dict(policy, policy_opt)
-    critic_sd, critic_opt_sd = get_state_dict(critic, critic_opt)
-    sd = {"policy": policy_sd, "policy_opt": policy_opt_sd, "critic": critic_sd, "critic_opt": critic_opt_sd}
+    folder, state = latest_checkpoint(run_dir)
+    sd = run.trained_state()
     dcp.load(sd, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
-    set_state_dict(policy, policy_opt, model_state_dict=sd["policy"], optim_state_dict=sd["policy_opt"])
-    set_state_dict(critic, critic_opt, model_state_dict=sd["critic"], optim_state_dict=sd["critic_opt"])
-    rng = torch.load(rng_file, weights_only=True)
+    for name, (model, (optimizer, _)) in run.trained().items():
+        set_state_dict(model, optimizer, model_state_dict=sd[name], optim_state_dict=sd[f"{name}_opt"])
+    rng = torch.load(folder / f"rng_rank{run.rank}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate((3, tuple(int(v) for v in rng["python"].tolist()), None))
     if "cuda" in rng and torch.cuda.is_available():
@@ -591,6 +691,10 @@ class RunLog:
             for key, value in values.items():
                 self.tensorboard.add_scalar(key, value, step)
 
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
     def samples(self, step: int, rows: list[dict]) -> None:
         if self.enabled:
             with open(self.run / "samples.jsonl", "a") as f:
@@ -598,187 +702,331 @@ class RunLog:
                     f.write(json.dumps({"step": step, **row}) + "\n")
 
 
+@dataclass
+class Run:
+    """What a run holds on this rank, made once by `setup`: its models, their optimisers, how to grade."""
+
+    policy: torch.nn.Module  # trained; FSDP2-sharded on several ranks
+    reference: torch.nn.Module  # frozen copy of the initial policy: the KL anchor
+    critic: models.Critic | None  # trained value model; None under a critic-free --advantage
+    tokenizer: Any
+    prm: Callable | None  # prm(questions, steps) -> one score in [0, 1] per step; None without step rewards
+    orm: rewards.SequenceORM | None  # only for --reward orm
+    optimizers: dict[str, tuple[torch.optim.Optimizer, Any]]  # "policy" (and "critic") -> (AdamW, LR schedule)
+    device: torch.device
+    rank: int
+    world: int
+    stop_ids: list[int]  # the token ids that end a response
+    autocast: Callable[[], contextlib.AbstractContextManager]  # bf16 autocast on one GPU, else a no-op
+    checker: Callable[[list[str], list[str]], list[bool]] | None = None  # the answer checker, set by main
+
+    def trained(self) -> dict[str, tuple[torch.nn.Module, tuple[torch.optim.Optimizer, Any]]]:
+        """name -> (model, (optimiser, schedule)) for the policy and, under gae, the critic."""
+        return {name: (model, self.optimizers[name]) for name, model in (("policy", self.policy), ("critic", self.critic))
+                if model is not None}
+
+    def trained_state(self) -> dict:
+        """What a checkpoint holds: {"policy": ..., "policy_opt": ...} and the same for the critic if any."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        state = {}
+        for name, (model, (optimizer, _)) in self.trained().items():
+            state[name], state[f"{name}_opt"] = get_state_dict(model, optimizer)
+        return state
+
+
+def setup(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
+    """Load (and on several ranks shard) every model and make the optimisers: what the run holds."""
+    # Trained models in fp32 (bf16 compute on GPU). Frozen ones in bf16 under FSDP2 (the same numbers as the
+    # policy's bf16 all-gather) and for the PRM/ORM; a single GPU keeps the reference in fp32 under autocast like
+    # the policy, so that KL is exactly 0 at the first step.
+    gpu = device.type == "cuda"
+    reference_dtype = torch.bfloat16 if gpu and world > 1 else torch.float32
+    scorer_dtype = torch.bfloat16 if gpu else torch.float32
+    load_device = torch.device("cpu") if world > 1 else device
+
+    def place(model: torch.nn.Module, trained: bool) -> torch.nn.Module:
+        if world > 1:
+            models.shard(model, trained=trained, gpu=gpu)
+        return model.to(device)
+
+    tokenizer = models.load_tokenizer(cfg.model, "--model", cfg.trust_remote_code)
+    policy = models.load_model(cfg.model, flag="--model", device=load_device, trust_remote_code=cfg.trust_remote_code)
+    critic = None
+    if cfg.advantage in NEEDS_CRITIC:
+        critic = models.Critic.load(cfg.critic or cfg.model, flag="--critic" if cfg.critic else "--model",
+                                    device=load_device, trust_remote_code=cfg.trust_remote_code)
+    for model in (policy, critic.backbone if critic else None):
+        if model is not None and cfg.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    policy = place(policy, trained=True)
+    critic = place(critic, trained=True) if critic is not None else None
+    reference = place(models.load_model(cfg.model, flag="--model", dtype=reference_dtype, device=load_device,
+                                        trust_remote_code=cfg.trust_remote_code).requires_grad_(False), trained=False)
+    prm, orm = load_prm(cfg, load_device, scorer_dtype), load_orm(cfg, load_device, scorer_dtype)
+    for scorer in (prm, orm):
+        if isinstance(getattr(scorer, "model", None), torch.nn.Module):
+            scorer.model = place(scorer.model, trained=False)
+    optimizers = {}
+    for name, model, lr in (("policy", policy, cfg.policy_lr), ("critic", critic, cfg.critic_lr)):
+        if model is not None:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+            optimizers[name] = (optimizer, warmup_then_constant(optimizer, cfg.warmup_steps))
+    return Run(policy=policy, reference=reference, critic=critic, tokenizer=tokenizer, prm=prm, orm=orm,
+               optimizers=optimizers, device=device, rank=rank, world=world,
+               stop_ids=models.stop_token_ids(policy, tokenizer),
+               # One GPU: autocast gives bf16 compute over fp32 weights (under FSDP2 its mixed precision does that).
+               autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu and world == 1 else contextlib.nullcontext)
+
+
 # -------------------------------------------------------------------------------------------------
-# The PPO step
+# The PPO step: 1-2 `rollout` (`sample`, `score`, `grade`), 3-5 `train_on_rollout` (rewards, advantages),
+# 6 `update`, then `step_metrics`
 # -------------------------------------------------------------------------------------------------
 
 
-def rollout(cfg: Config, batch: list[dict], ctx: dict) -> dict:
-    """Stages 1 and 2 for this rank's problems: sample responses, then score them.
+def rollout(cfg: Config, batch: list[dict], run: Run) -> dict:
+    """Stages 1 and 2 for this rank's problems: sample responses, then score and grade them.
 
     Returns a dict with per-response lists (`prompt_ids`, `response_ids`, `texts`, `steps`, `step_ends`,
-    `step_scores`, `problems`) and tensors: `mask`, `old_logp`, `ref_logp`, `values` [B, R]; `success`,
-    `correct`, `truncated`, `sequence_reward` [B]. This is what a saved rollout holds.
+    `step_scores`, `problems`) and tensors: `mask`, `old_logp`, `ref_logp` (and `values` under gae) [B, R];
+    `success`, `correct`, `truncated`, `orm_scores`, `groups` (each response's prompt) [B]. This is what a
+    saved rollout holds.
     """
-    policy, reference, critic, tokenizer = ctx["policy"], ctx["reference"], ctx["critic"], ctx["tokenizer"]
-    timer = time.perf_counter
-    t0 = timer()
-
-    # 1. Rollout: samples_per_prompt responses per problem, sampled with explicit settings, from weights
-    #    all-gathered once (FSDP2) rather than once per generated token.
-    problems = [p for p in batch for _ in range(cfg.samples_per_prompt)]
-    prompt_ids = [p["prompt_ids"] for p in problems]
-    policy.eval()
-    response_ids: list[list[int]] = []
-    with models.gathered(policy), ctx["autocast"]():
-        for start in range(0, len(prompt_ids), cfg.generation_batch_size):
-            response_ids += models.generate(policy, prompt_ids[start:start + cfg.generation_batch_size],
-                                            pad_id=tokenizer.pad_token_id, stop_ids=ctx["stop_ids"],
-                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    B, R = len(response_ids), max(max(len(r) for r in response_ids), 1)
-    lengths = torch.tensor([len(r) for r in response_ids])
-    mask = (torch.arange(R)[None, :] < lengths[:, None]).float()
-    texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    ro = dict(problems=problems, prompt_ids=prompt_ids, response_ids=response_ids, texts=texts, mask=mask,
-              truncated=torch.tensor([not r or r[-1] not in ctx["stop_ids"] for r in response_ids]))
-    t1 = timer()
-
-    # 2. Score: log-probs of the sampling policy and of the reference, critic values, answers, step scores.
-    ro.update(old_logp=torch.zeros(B, R), ref_logp=torch.zeros(B, R), values=torch.zeros(B, R))
-    groups = micro_batches(list(range(B)), [len(p) for p in prompt_ids], lengths.tolist(), cfg.micro_batch_tokens)
-    with torch.no_grad(), ctx["autocast"]():
-        for idx, _ in equalise(groups):
-            mb = collate(ro, idx, tokenizer.pad_token_id, ctx["device"])
-            width = mb["response_ids"].shape[1]
-            ro["old_logp"][idx, :width] = response_logprobs(policy, mb, cfg.temperature).float().cpu()
-            ro["ref_logp"][idx, :width] = response_logprobs(reference, mb, cfg.temperature).float().cpu()
-            ro["values"][idx, :width] = response_values(critic, mb).float().cpu()
-    for key in ("old_logp", "ref_logp", "values"):
-        ro[key] *= mask
-    ro["correct"] = torch.tensor(ctx["checker"](texts, [p["answer"] for p in problems]))
-    ro["success"] = (ro["correct"] & ~ro["truncated"]).float()  # a truncated response never succeeds
-    ro["steps"] = [rewards.split_steps(t, cfg.step_delimiter) for t in texts]
-    ro["step_ends"] = [rewards.step_end_indices(r, tokenizer, cfg.step_delimiter) for r in response_ids]
-    # A sharded PRM/ORM is gathered once for the whole batch: its forwards then need no collectives, so ranks
-    # may run different numbers of them (the adapters skip responses without steps).
-    ro["step_scores"] = [[] for _ in range(B)]
-    if ctx["prm"] is not None:
-        with models.gathered(getattr(ctx["prm"], "model", None)):
-            ro["step_scores"] = ctx["prm"]([p["problem"] for p in problems], ro["steps"])
-    ro["sequence_reward"] = ro["success"].clone()
-    if ctx["orm"] is not None:
-        with models.gathered(ctx["orm"].model):
-            ro["sequence_reward"] += cfg.alpha * torch.tensor(ctx["orm"]([p["problem"] for p in problems], texts))
-    ro["time"] = {"time/rollout": t1 - t0, "time/score": timer() - t1}
+    t0 = time.perf_counter()
+    ro = sample(cfg, batch, run)
+    t1 = time.perf_counter()
+    score(cfg, ro, run)
+    grade(cfg, ro, run)
+    ro["time"] = {"time/rollout": t1 - t0, "time/score": time.perf_counter() - t1}
     return ro
 
 
-def train_on_rollout(cfg: Config, step: int, ro: dict, ctx: dict) -> dict:
-    """Stages 3 to 6 on a scored rollout (this rank's share); returns the step's metrics (all ranks)."""
-    policy, critic, device, world = ctx["policy"], ctx["critic"], ctx["device"], ctx["world"]
+def sample(cfg: Config, batch: list[dict], run: Run) -> dict:
+    """1. samples_per_prompt responses per problem, sampled with explicit settings, from weights all-gathered
+    once (FSDP2) rather than once per generated token. Rows of one problem are adjacent: B = len(batch) * n."""
+    problems = [p for p in batch for _ in range(cfg.samples_per_prompt)]
+    prompt_ids = [p["prompt_ids"] for p in problems]
+    run.policy.eval()
+    response_ids: list[list[int]] = []
+    with models.gathered(run.policy), run.autocast():
+        for start in range(0, len(prompt_ids), cfg.generation_batch_size):
+            response_ids += models.generate(run.policy, prompt_ids[start:start + cfg.generation_batch_size],
+                                            pad_id=run.tokenizer.pad_token_id, stop_ids=run.stop_ids,
+                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    R = max(max(len(r) for r in response_ids), 1)
+    lengths = torch.tensor([len(r) for r in response_ids])
+    return dict(problems=problems, prompt_ids=prompt_ids, response_ids=response_ids,
+                texts=run.tokenizer.batch_decode(response_ids, skip_special_tokens=True),
+                mask=(torch.arange(R)[None, :] < lengths[:, None]).float(),  # [B, R]
+                truncated=torch.tensor([not r or r[-1] not in run.stop_ids for r in response_ids]),  # [B]
+                groups=torch.arange(len(batch)).repeat_interleave(cfg.samples_per_prompt))  # [B]
+
+
+@torch.no_grad()
+def score(cfg: Config, ro: dict, run: Run) -> None:
+    """2a. Log-probs of the sampling policy and of the reference (both at the sampling temperature) and, under
+    gae, the critic's values: `old_logp`, `ref_logp`, `values` [B, R], 0 off the mask."""
+    B, R = ro["mask"].shape
+    scored = {"old_logp": run.policy, "ref_logp": run.reference, "values": run.critic}
+    scored = {key: model for key, model in scored.items() if model is not None}
+    ro.update({key: torch.zeros(B, R) for key in scored})
+    lengths = [len(r) for r in ro["response_ids"]]
+    groups = micro_batches(list(range(B)), [len(p) for p in ro["prompt_ids"]], lengths, cfg.micro_batch_tokens)
+    with run.autocast():
+        for idx, _ in equalise(groups):
+            mb = collate(ro, idx, run.tokenizer.pad_token_id, run.device)
+            width = mb["response_ids"].shape[1]
+            for key, model in scored.items():
+                out = response_values(model, mb) if key == "values" else response_logprobs(model, mb, cfg.temperature)
+                ro[key][idx, :width] = out.float().cpu()
+    for key in scored:
+        ro[key] *= ro["mask"]
+
+
+def grade(cfg: Config, ro: dict, run: Run) -> None:
+    """2b. Answers (`correct`, `success` [B]: a truncated response never succeeds), steps and their end tokens,
+    PRM step scores (lists of [K_b]) and ORM scores (`orm_scores` [B], 0 without an ORM)."""
+    questions = [p["problem"] for p in ro["problems"]]
+    ro["correct"] = torch.tensor(run.checker(ro["texts"], [p["answer"] for p in ro["problems"]]))
+    ro["success"] = (ro["correct"] & ~ro["truncated"]).float()
+    ro["steps"] = [rewards.split_steps(t, cfg.step_delimiter) for t in ro["texts"]]
+    ro["step_ends"] = [rewards.step_end_indices(r, run.tokenizer, cfg.step_delimiter) for r in ro["response_ids"]]
+    # A sharded PRM/ORM is gathered once for the whole batch: its forwards then need no collectives, so ranks
+    # may run different numbers of them (the adapters skip responses without steps).
+    ro["step_scores"] = [[] for _ in questions]
+    if run.prm is not None:
+        with models.gathered(getattr(run.prm, "model", None)):
+            ro["step_scores"] = run.prm(questions, ro["steps"])
+    ro["orm_scores"] = torch.zeros(len(questions))
+    if run.orm is not None:
+        with models.gathered(run.orm.model):
+            ro["orm_scores"] = torch.tensor(run.orm(questions, ro["texts"]))
+
+
+def train_on_rollout(cfg: Config, step: int, ro: dict, run: Run) -> dict:
+    """Stages 3 to 6 on a scored rollout (this rank's share); returns the step's metrics (all ranks).
+
+    What the stages make is kept in `ro` (`step_rewards`, `advantages`, `returns`) for samples.jsonl and tests.
+    """
     t0 = time.perf_counter()
-    mask, values = ro["mask"], ro["values"]
+    # 3. Rewards in three parts: outcome (success + alpha * ORM), alpha * step rewards at the tokens that end
+    #    the steps, KL per token (rewards.RolloutRewards).
+    reward = rewards.RolloutRewards.of_rollout(ro, cfg)
+    # 4-5. Advantages (and the critic's targets) by --advantage; each estimator whitens, or not, as it should.
+    advantages, returns = ESTIMATORS[cfg.advantage](reward, ro.get("values"), ro["mask"], ro["groups"], cfg)
+    ro.update(step_rewards=reward.step_rewards, advantages=advantages, returns=returns)
+    # 6. Update the policy (and critic).
+    sums = update(cfg, step, ro, run)
+    return step_metrics(cfg, ro, reward, sums, run, update_time=time.perf_counter() - t0)
 
-    # 3. Rewards on tokens: success (+ alpha * ORM) on the last token, alpha * transformed step scores on the
-    #    tokens that end the steps, and the KL penalty on every token.
-    step_rewards = rewards.step_rewards(ro["step_scores"], cfg.reward, cfg, cfg.alpha)
-    ro["step_rewards"] = step_rewards  # kept with the rollout for samples.jsonl
-    step_ends = ro["step_ends"] if cfg.reward in rewards.STEP_TRANSFORMS else [[] for _ in step_rewards]
-    placed = rewards.place_rewards(ro["sequence_reward"], step_rewards, step_ends, mask)
-    kl = (ro["old_logp"] - ro["ref_logp"]) * mask
-    token_rewards = placed - cfg.beta * kl
 
-    # 4. GAE, with the value after the last token = 0.
-    advantages, returns = compute_gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
-    # 5. Whiten advantages over all valid tokens of all ranks.
-    train = dict(ro, advantages=whiten(advantages, mask), returns=returns)
+@dataclass
+class UpdateSums:
+    """Sums over this rank's valid tokens and optimiser steps during `update`; reduced over ranks for metrics."""
 
-    # 6. Update: ppo_epochs passes over shuffled minibatches. Losses are normalised by the minibatch's valid
-    #    tokens over all micro-batches and ranks, and multiplied by the world size because FSDP2 averages
-    #    gradients over ranks: the gradient is then independent of both.
-    policy.train()
-    critic.train()
-    B = mask.shape[0]
+    policy_loss: float = 0.0
+    value_loss: float = 0.0
+    clipped: float = 0.0
+    approx_kl: float = 0.0
+    ratio: float = 0.0
+    entropy: float = 0.0
+    tokens: float = 0.0
+    policy_grad_norm: float = 0.0
+    value_grad_norm: float = 0.0
+    optimizer_steps: float = 0.0
+    # max |log ratio| of this rank's first micro-batch, not reduced: ~0 when scoring and training agree
+    first_ratio_error: float | None = None
+
+
+def update(cfg: Config, step: int, ro: dict, run: Run) -> UpdateSums:
+    """6. ppo_epochs passes over shuffled minibatches, one optimiser step per minibatch.
+
+    Losses are normalised by the minibatch's valid tokens over all micro-batches and ranks, and multiplied by
+    the world size because FSDP2 averages gradients over ranks: the gradient is then independent of both.
+    """
+    for model, _ in run.trained().values():
+        model.train()
+    B = ro["mask"].shape[0]
     prompt_lens, response_lens = [len(p) for p in ro["prompt_ids"]], [len(r) for r in ro["response_ids"]]
-    # Sums over this rank's valid tokens (and optimiser steps), reduced over ranks for the metrics below.
-    sums = dict.fromkeys(["policy_loss", "value_loss", "clipped", "approx_kl", "ratio", "entropy", "tokens",
-                          "policy_grad_norm", "value_grad_norm", "optimizer_steps"], 0.0)
-    first_ratio_error = None
-    shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + ctx["rank"])
+    sums = UpdateSums()
+    shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + run.rank)
     minibatch_size = B // cfg.ppo_minibatches
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=shuffle).tolist()
         for m in range(cfg.ppo_minibatches):
             idx = order[m * minibatch_size:(m + 1) * minibatch_size]
-            num_tokens = all_reduce(mask[idx].sum()).item()
+            num_tokens = all_reduce(ro["mask"][idx].sum()).item()
             for micro, weight in equalise(micro_batches(idx, prompt_lens, response_lens, cfg.micro_batch_tokens)):
-                mb = collate(train, micro, ctx["tokenizer"].pad_token_id, device)
-                # Policy forward and backward, then the critic's: only one activation graph is alive at a time.
-                with ctx["autocast"]():
-                    logp, entropy = response_logprobs(policy, mb, cfg.temperature, with_entropy=True)
-                p_loss, clipped = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip_eps, num_tokens)
-                (p_loss * weight * world).backward()
-                with ctx["autocast"]():
-                    new_values = response_values(critic, mb)
-                v_loss = value_loss(new_values, mb["values"], mb["returns"], mb["mask"], cfg.value_clip, num_tokens)
-                (v_loss * weight * world).backward()
-                # Every rank must stop together, or the others wait forever in the next collective.
-                if all_reduce(torch.tensor([float(not (torch.isfinite(p_loss) and torch.isfinite(v_loss)))])).item():
-                    raise RuntimeError(f"step {step}: non-finite loss on some rank (here: policy {p_loss.item()}, value "
-                                       f"{v_loss.item()}); stopping, the last checkpoint in {cfg.output_dir}/checkpoints is kept")
-                if weight == 0:  # a repeat that only keeps the ranks' collectives in step
-                    continue
-                with torch.no_grad():
-                    log_ratio = (logp - mb["old_logp"]) * mb["mask"]
-                    if first_ratio_error is None:
-                        first_ratio_error = log_ratio.abs().max().item()
-                    sums["policy_loss"] += p_loss.item()
-                    sums["value_loss"] += v_loss.item()
-                    sums["clipped"] += clipped.item()
-                    sums["approx_kl"] += ((log_ratio.exp() - 1 - log_ratio) * mb["mask"]).sum().item()  # k3 of KL(old||new)
-                    sums["ratio"] += (log_ratio.exp() * mb["mask"]).sum().item()
-                    sums["entropy"] += (entropy * mb["mask"]).sum().item()
-                    sums["tokens"] += mb["mask"].sum().item()
-            for model, key in ((policy, "policy_grad_norm"), (critic, "value_grad_norm")):
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                # the same global norm on every rank: count it once
-                sums[key] += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) / world
-            for optimizer, scheduler in ctx["optimizers"]:
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            sums["optimizer_steps"] += 1 / world
-    t_update = time.perf_counter() - t0
+                mb = collate(ro, micro, run.tokenizer.pad_token_id, run.device)
+                backward_micro_batch(cfg, step, mb, weight, num_tokens, run, sums)
+            optimizer_step(cfg, run, sums)
+    return sums
 
-    # Per-response and per-token sums of this rank, then one reduction over ranks.
-    valid = mask.bool()
-    error = (returns - values)[valid]
-    sums.update(
-        responses=B, prompt_tokens=sum(prompt_lens), success=ro["success"].sum(), correct=ro["correct"].sum(),
-        process=sum(r.sum() for r in step_rewards), outcome=(ro["sequence_reward"] - ro["success"]).sum(),
-        kl=kl.sum(), length=mask.sum(), steps=sum(len(s) for s in ro["steps"]), truncated=ro["truncated"].sum(),
-        error=error.sum(), error_sq=(error ** 2).sum(), returns=returns[valid].sum(), returns_sq=(returns[valid] ** 2).sum(),
-        values=values[valid].sum())
-    keys = list(sums)
-    totals = dict(zip(keys, all_reduce(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)).tolist()))
-    n, tokens, valid_tokens, steps = totals["responses"], totals["tokens"], totals["length"], totals["optimizer_steps"]
 
-    def variance(total: float, squares: float) -> float:  # over the valid tokens of all ranks
-        return squares / valid_tokens - (total / valid_tokens) ** 2
+def backward_micro_batch(cfg: Config, step: int, mb: dict, weight: float, num_tokens: float, run: Run,
+                         sums: UpdateSums) -> None:
+    """Policy forward and backward, then the critic's: only one activation graph is alive at a time.
+    `weight` 0 marks a repeat that only keeps the ranks' collectives in step (see `equalise`)."""
+    with run.autocast():
+        logp, entropy = response_logprobs(run.policy, mb, cfg.temperature, with_entropy=True)  # [n, R]
+    p_loss, clipped = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.clip_eps, num_tokens)
+    (p_loss * weight * run.world).backward()
+    v_loss = torch.zeros(())
+    if run.critic is not None:
+        with run.autocast():
+            new_values = response_values(run.critic, mb)  # [n, R]
+        v_loss = value_loss(new_values, mb["values"], mb["returns"], mb["mask"], cfg.value_clip, num_tokens)
+        (v_loss * weight * run.world).backward()
+    # Every rank must stop together, or the others wait forever in the next collective.
+    if all_reduce(torch.tensor([float(not (torch.isfinite(p_loss) and torch.isfinite(v_loss)))])).item():
+        raise RuntimeError(f"step {step}: non-finite loss on some rank (here: policy {p_loss.item()}, value "
+                           f"{v_loss.item()}); stopping, the last checkpoint in {cfg.output_dir}/checkpoints is kept")
+    if weight == 0:
+        return
+    with torch.no_grad():
+        log_ratio = (logp - mb["old_logp"]) * mb["mask"]
+        if sums.first_ratio_error is None:
+            sums.first_ratio_error = log_ratio.abs().max().item()
+        sums.policy_loss += p_loss.item()
+        sums.value_loss += v_loss.item()
+        sums.clipped += clipped.item()
+        sums.approx_kl += ((log_ratio.exp() - 1 - log_ratio) * mb["mask"]).sum().item()  # k3 of KL(old||new)
+        sums.ratio += (log_ratio.exp() * mb["mask"]).sum().item()
+        sums.entropy += (entropy * mb["mask"]).sum().item()
+        sums.tokens += mb["mask"].sum().item()
 
+
+def optimizer_step(cfg: Config, run: Run, sums: UpdateSums) -> None:
+    """Clip each model's gradient to max_grad_norm, step its optimiser and schedule, clear its gradient."""
+    for name, (model, (optimizer, scheduler)) in run.trained().items():
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if name == "policy":
+            sums.policy_grad_norm += norm / run.world  # the same global norm on every rank: count it once
+        else:
+            sums.value_grad_norm += norm / run.world
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    sums.optimizer_steps += 1 / run.world
+
+
+def equal_outcome_groups(outcome: torch.Tensor, groups: torch.Tensor) -> int:
+    """How many groups have all outcome rewards equal (zero outcome advantage under grpo and rloo)."""
+    index, n = group_ids(groups)
+    low = torch.full((n,), float("inf")).scatter_reduce(0, index, outcome.float(), "amin")
+    high = torch.full((n,), -float("inf")).scatter_reduce(0, index, outcome.float(), "amax")
+    return int((low == high).sum())
+
+
+def step_metrics(cfg: Config, ro: dict, reward: rewards.RolloutRewards, sums: UpdateSums, run: Run,
+                 update_time: float) -> dict:
+    """The step's metrics in named groups: this rank's sums, one reduction over ranks, then ratios."""
+    mask, returns, values = ro["mask"], ro["returns"], ro.get("values")  # returns: None without a critic
+    B, valid = mask.shape[0], mask.bool()
+    per_rank = {f.name: getattr(sums, f.name) for f in dataclasses.fields(sums) if f.name != "first_ratio_error"}
+    per_rank.update(
+        responses=B, prompt_tokens=sum(len(p) for p in ro["prompt_ids"]), success=ro["success"].sum(),
+        correct=ro["correct"].sum(), process=sum(r.sum() for r in reward.step_rewards),
+        outcome=(reward.outcome - ro["success"]).sum(), kl=reward.kl.sum(), length=mask.sum(),
+        steps=sum(len(s) for s in ro["steps"]), truncated=ro["truncated"].sum(),
+        groups=len(torch.unique(ro["groups"])), equal_groups=equal_outcome_groups(reward.outcome, ro["groups"]))
+    if returns is not None:
+        error = (returns - values)[valid]
+        per_rank.update(error=error.sum(), error_sq=(error ** 2).sum(), returns=returns[valid].sum(),
+                        returns_sq=(returns[valid] ** 2).sum(), values=values[valid].sum())
+    keys = list(per_rank)
+    t = dict(zip(keys, all_reduce(torch.tensor([float(per_rank[k]) for k in keys], dtype=torch.float64)).tolist()))
+    n, tokens, valid_tokens, steps = t["responses"], t["tokens"], t["length"], t["optimizer_steps"]
     rollout_time = ro["time"]["time/rollout"] + ro["time"]["time/score"]
     metrics = {
-        "reward/success": totals["success"] / n, "reward/correct_answer": totals["correct"] / n,
-        "reward/process": totals["process"] / n, "reward/outcome_model": totals["outcome"] / n,
-        "reward/kl": -cfg.beta * totals["kl"] / n,
-        "reward/total": (totals["success"] + totals["process"] + totals["outcome"] - cfg.beta * totals["kl"]) / n,
-        "response/length": valid_tokens / n, "response/steps": totals["steps"] / n,
-        "response/truncated": totals["truncated"] / n,
-        "loss/policy": totals["policy_loss"] / steps, "loss/value": totals["value_loss"] / steps,
-        "policy/clip_frac": totals["clipped"] / tokens, "policy/approx_kl": totals["approx_kl"] / tokens,
-        "policy/ratio": totals["ratio"] / tokens, "policy/entropy": totals["entropy"] / tokens,
-        "policy/ref_kl": totals["kl"] / n, "policy/first_ratio_error": first_ratio_error,
-        "policy/grad_norm": totals["policy_grad_norm"] / steps, "value/grad_norm": totals["value_grad_norm"] / steps,
-        "value/explained_var": 1 - variance(totals["error"], totals["error_sq"])
-                               / max(variance(totals["returns"], totals["returns_sq"]), 1e-12),
-        "value/mean": totals["values"] / valid_tokens,
-        "answer/timeouts": ctx["checker"].timeouts if ctx.get("checker") else 0,
-        **ro["time"], "time/update": t_update, "time/step": rollout_time + t_update,
-        "throughput/tokens_per_s": (valid_tokens + totals["prompt_tokens"]) / (rollout_time + t_update),
+        "reward/success": t["success"] / n, "reward/correct_answer": t["correct"] / n,
+        "reward/process": t["process"] / n, "reward/outcome_model": t["outcome"] / n,
+        "reward/kl": -cfg.beta * t["kl"] / n,
+        "reward/total": (t["success"] + t["process"] + t["outcome"] - cfg.beta * t["kl"]) / n,
+        "response/length": valid_tokens / n, "response/steps": t["steps"] / n, "response/truncated": t["truncated"] / n,
+        "advantage/equal_outcome_groups": t["equal_groups"] / t["groups"],
+        "loss/policy": t["policy_loss"] / steps,
+        "policy/clip_frac": t["clipped"] / tokens, "policy/approx_kl": t["approx_kl"] / tokens,
+        "policy/ratio": t["ratio"] / tokens, "policy/entropy": t["entropy"] / tokens,
+        "policy/ref_kl": t["kl"] / n, "policy/first_ratio_error": sums.first_ratio_error,
+        "policy/grad_norm": t["policy_grad_norm"] / steps,
+        "answer/timeouts": getattr(run.checker, "timeouts", 0),
+        **ro["time"], "time/update": update_time, "time/step": rollout_time + update_time,
+        "throughput/tokens_per_s": (valid_tokens + t["prompt_tokens"]) / (rollout_time + update_time),
         "throughput/generated_tokens_per_s": valid_tokens / max(ro["time"]["time/rollout"], 1e-9),
     }
-    if device.type == "cuda":  # this rank's peak since the run started
-        metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if returns is not None:
+        def variance(total: float, squares: float) -> float:  # over the valid tokens of all ranks
+            return squares / valid_tokens - (total / valid_tokens) ** 2
+
+        metrics.update({"loss/value": t["value_loss"] / steps, "value/grad_norm": t["value_grad_norm"] / steps,
+                        "value/explained_var": 1 - variance(t["error"], t["error_sq"])
+                        / max(variance(t["returns"], t["returns_sq"]), 1e-12),
+                        "value/mean": t["values"] / valid_tokens})
+    if run.device.type == "cuda":  # this rank's peak since the run started
+        metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -790,49 +1038,6 @@ def sample_rows(ro: dict, k: int = 4) -> list[dict]:
             for i in range(min(k, len(ro["texts"])))]
 
 
-def setup(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
-    """Load (and on several ranks shard) every model, the optimisers and the answer checker: the run's context."""
-    # Trained models in fp32 (bf16 compute on GPU). Frozen ones in bf16 under FSDP2 (the same numbers as the
-    # policy's bf16 all-gather) and for the PRM/ORM; a single GPU keeps the reference in fp32 under autocast like
-    # the policy, so that KL is exactly 0 at the first step.
-    gpu = device.type == "cuda"
-    reference_dtype = torch.bfloat16 if gpu and world > 1 else torch.float32
-    scorer_dtype = torch.bfloat16 if gpu else torch.float32
-    # Several ranks: each model is loaded on the CPU and sharded before the next is loaded, so neither a GPU nor
-    # the host ever holds more than one full copy per rank (fully_shard moves the shards to the GPU).
-    load_device = torch.device("cpu") if world > 1 else device
-
-    def place(model: torch.nn.Module, trained: bool) -> torch.nn.Module:
-        if world > 1:
-            models.shard(model, trained=trained, gpu=gpu)
-        return model.to(device)
-
-    tokenizer = models.load_tokenizer(cfg.model, "--model", cfg.trust_remote_code)
-    policy = models.load_model(cfg.model, flag="--model", device=load_device, trust_remote_code=cfg.trust_remote_code)
-    critic = models.Critic.load(cfg.critic or cfg.model, flag="--critic" if cfg.critic else "--model",
-                                device=load_device, trust_remote_code=cfg.trust_remote_code)
-    if cfg.gradient_checkpointing:
-        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        critic.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    policy, critic = place(policy, trained=True), place(critic, trained=True)
-    reference = place(models.load_model(cfg.model, flag="--model", dtype=reference_dtype, device=load_device,
-                                        trust_remote_code=cfg.trust_remote_code).requires_grad_(False), trained=False)
-    prm, orm = load_prm(cfg, load_device, scorer_dtype), load_orm(cfg, load_device, scorer_dtype)
-    for scorer in (prm, orm):
-        if isinstance(getattr(scorer, "model", None), torch.nn.Module):
-            scorer.model = place(scorer.model, trained=False)
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
-    return dict(
-        policy=policy, reference=reference, critic=critic, tokenizer=tokenizer, prm=prm, orm=orm,
-        device=device, world=world, rank=rank, stop_ids=models.stop_token_ids(policy, tokenizer),
-        optimizers=[(policy_opt, warmup_then_constant(policy_opt, cfg.warmup_steps)),
-                    (critic_opt, warmup_then_constant(critic_opt, cfg.warmup_steps))],
-        # One GPU: autocast gives bf16 compute over fp32 weights (under FSDP2 its mixed precision does that).
-        autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu and world == 1 else contextlib.nullcontext,
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     rank, world, device = models.init_distributed()
@@ -841,44 +1046,42 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    run = Path(cfg.output_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     resolve_local_models(cfg, rank)
     if rank == 0:
-        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     # Data first: a bad source or row fails before any model is loaded. The order is the same on every rank;
     # each rank takes its slice of every step's problems.
     train_rows = load_problems(cfg.train_data, "train", cfg)
     eval_problems = load_problems(cfg.eval_data, "test", cfg)[:cfg.eval_size] if cfg.eval_every else None
-    ctx = setup(cfg, rank, world, device)
+    run = setup(cfg, rank, world, device)
     torch.manual_seed(cfg.seed + rank)  # per-rank sampling seed, set after loading; the data order has its own
     random.seed(cfg.seed + rank)
-    problems, dropped = data.tokenize_prompts(ctx["tokenizer"], train_rows, cfg.max_prompt_tokens)
+    problems, dropped = data.tokenize_prompts(run.tokenizer, train_rows, cfg.max_prompt_tokens)
     if rank == 0 and dropped:
         print(f"--train-data: dropped {dropped} prompts longer than --max-prompt-tokens {cfg.max_prompt_tokens}", file=sys.stderr)
     sampler = data.PromptSampler(problems, cfg.prompts_per_step, seed=cfg.seed)
     per_rank = cfg.prompts_per_step // world
 
-    (policy_opt, _), (critic_opt, _) = ctx["optimizers"]
-    checkpoint = (run, ctx["policy"], ctx["critic"], policy_opt, critic_opt, sampler, requested, rank)
     start = 0
     if cfg.resume:
-        start = load_checkpoint(*checkpoint)
-        for _, scheduler in ctx["optimizers"]:  # the schedule is a function of the optimiser step count
+        start = load_checkpoint(run_dir, run, sampler)
+        for _, scheduler in run.optimizers.values():  # the schedule is a function of the optimiser step count
             scheduler.last_epoch = start * cfg.ppo_epochs * cfg.ppo_minibatches - 1
             scheduler.step()
-    log = RunLog(run, rank == 0, start)
+    log = RunLog(run_dir, rank == 0, start)
 
     with rewards.AnswerChecker(cfg.answer_workers, cfg.answer_timeout) as checker:
-        ctx["checker"] = checker
+        run.checker = checker
         bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0, desc="ppo")
         for step in bar:
-            ro = rollout(cfg, sampler.next_batch()[rank * per_rank:(rank + 1) * per_rank], ctx)
-            metrics = train_on_rollout(cfg, step, ro, ctx)
+            ro = rollout(cfg, sampler.next_batch()[rank * per_rank:(rank + 1) * per_rank], run)
+            metrics = train_on_rollout(cfg, step, ro, run)
             if cfg.eval_every and step % cfg.eval_every == 0:
-                ctx["policy"].eval()
-                with models.gathered(ctx["policy"]), ctx["autocast"]():
-                    result = evaluation.evaluate(ctx["policy"], ctx["tokenizer"], eval_problems, max_new_tokens=cfg.max_new_tokens,
+                run.policy.eval()
+                with models.gathered(run.policy), run.autocast():
+                    result = evaluation.evaluate(run.policy, run.tokenizer, eval_problems, max_new_tokens=cfg.max_new_tokens,
                                                  batch_size=cfg.generation_batch_size, checker=checker)
                 metrics["eval/accuracy"] = float(result["accuracy"])
             log.metrics(step, metrics)
@@ -887,14 +1090,14 @@ def main(argv: list[str] | None = None) -> None:
             bar.set_postfix(success=f"{metrics['reward/success']:.2f}", len=f"{metrics['response/length']:.0f}",
                             steps=f"{metrics['response/steps']:.1f}", kl=f"{metrics['policy/ref_kl']:.3f}")
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                save_checkpoint(*checkpoint, step=step, keep=cfg.keep_checkpoints)
-    models.export_hf(ctx["policy"], ctx["tokenizer"], run / "policy", rank)
-    models.export_hf(ctx["critic"], ctx["tokenizer"], run / "critic", rank)
+                save_checkpoint(run_dir, run, sampler, requested, step=step, keep=cfg.keep_checkpoints)
+    log.close()
+    for name, (model, _) in run.trained().items():  # the critic only under gae: what --critic loads
+        models.export_hf(model, run.tokenizer, run_dir / name, rank)
     if rank == 0:
-        print(f"done: metrics in {run / 'metrics.jsonl'}, policy in {run / 'policy'}", file=sys.stderr)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        print(f"done: metrics in {run_dir / 'metrics.jsonl'}, policy in {run_dir / 'policy'}", file=sys.stderr)
 
 
 if __name__ == "__main__":
     main()
+    models.end_distributed()  # under torchrun: end the rank safely (see its docstring); alone: nothing

@@ -11,9 +11,11 @@ Everything here is text -> numbers; nothing optimises. In the order a PPO step u
    rule-based step checker works too). Adapters for hub models: `StepTagPRM` (Math-Shepherd format),
    `TokenClassifierPRM` (Qwen2.5-Math-PRM format) and `SequenceORM` (one score per response).
 4. Transforms (Gao et al., arXiv 2410.15115): step scores -> step rewards, one function per `--reward` in
-   `STEP_TRANSFORMS`; `step_rewards` applies one and scales by alpha.
+   `STEP_TRANSFORMS`; `transform_steps` applies one to a rollout.
 5. Placement. `place_rewards` puts the success reward and the step rewards on the [batch, response_len]
-   token grid. The KL penalty is added by ppo.py.
+   token grid.
+6. `RolloutRewards`: a rollout's reward in three parts (outcome, steps, KL), alpha applied once; ppo.py's
+   advantage estimators combine them.
 
 The `--reward` choices. The total reward is Correct + alpha * sum_k r_k (- the KL penalty), where s_k in
 [0, 1] is the PRM's score of the prefix that ends with step k, k = 1..K, and r_k goes on step k's last token:
@@ -670,24 +672,24 @@ STEP_TRANSFORMS: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {
 REWARD_CHOICES = ["success", "orm", *STEP_TRANSFORMS]
 
 
-def step_rewards(step_scores: list[list[float]], reward: str, cfg, alpha: float) -> list[torch.Tensor]:
-    """alpha * STEP_TRANSFORMS[reward](scores, cfg) for each response; empty tensors for `success` / `orm`.
+def transform_steps(step_scores: list[list[float]], reward: str, cfg) -> list[torch.Tensor]:
+    """STEP_TRANSFORMS[reward](scores, cfg) for each response, before alpha; empty tensors for `success` / `orm`.
 
-        step_rewards([[0.9, 0.8, 0.7, 0.6]], "delta", cfg, alpha=0.5) -> [tensor([0.05, 0.05, 0.35, 0.0])]
+        transform_steps([[0.9, 0.8, 0.7, 0.6]], "delta", cfg) -> [tensor([0.1, 0.1, 0.7, 0.0])]
     """
     if reward in ("success", "orm"):
         return [torch.zeros(0) for _ in step_scores]
     if reward not in STEP_TRANSFORMS:
         choices = ", ".join(["success", "orm", *STEP_TRANSFORMS])
         raise ValueError(f"--reward {reward!r} is unknown; choose one of: {choices}")
-    rewards = []
+    transformed = []
     for scores in step_scores:
         out = STEP_TRANSFORMS[reward](torch.tensor(scores, dtype=torch.float32), cfg)
         if out.shape != (len(scores),):
             raise ValueError(f"STEP_TRANSFORMS[{reward!r}] returned shape {tuple(out.shape)} for {len(scores)} "
                              "step scores; it must return one reward per step")
-        rewards.append(alpha * out)
-    return rewards
+        transformed.append(out)
+    return transformed
 
 
 # -------------------------------------------------------------------------------------------------
@@ -733,3 +735,47 @@ def place_rewards(
                              f"(valid tokens {valid[0].item()}..{valid[-1].item()})")
         rewards[b].index_add_(0, ends, values)  # index_add_ sums rewards that share a token
     return rewards
+
+
+# -------------------------------------------------------------------------------------------------
+# 6. A rollout's reward in three parts
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutRewards:
+    """The reward of B responses (T = the widest), kept in three parts until an advantage estimator
+    combines them; alpha is applied here, once, to the ORM score and to the step rewards alike.
+
+        outcome    [B]      success + alpha * ORM score, paid on each response's last token
+        steps      [K_b]    per response: its transformed step scores u before alpha (`transform_steps`)
+        step_ends  K_b ints per response: the token that ends each step, where alpha * u is paid
+        kl         [B, T]   logp - logp_ref of the sampling policy per token (0 off the mask); reward -beta * kl
+    """
+
+    outcome: torch.Tensor
+    steps: list[torch.Tensor]
+    step_ends: list[list[int]]
+    kl: torch.Tensor
+    alpha: float
+    beta: float
+
+    @classmethod
+    def of_rollout(cls, rollout: dict, cfg) -> "RolloutRewards":
+        """From a scored rollout (`success`, `orm_scores` [B], `step_scores`, `step_ends`, `old_logp`,
+        `ref_logp`, `mask`); cfg gives the reward name, alpha, beta and the transforms' parameters."""
+        steps = transform_steps(rollout["step_scores"], cfg.reward, cfg)
+        ends = rollout["step_ends"] if cfg.reward in STEP_TRANSFORMS else [[] for _ in steps]
+        kl = (rollout["old_logp"] - rollout["ref_logp"]) * rollout["mask"]
+        outcome = rollout["success"] + cfg.alpha * rollout["orm_scores"]
+        return cls(outcome=outcome, steps=steps, step_ends=ends, kl=kl, alpha=cfg.alpha, beta=cfg.beta)
+
+    @property
+    def step_rewards(self) -> list[torch.Tensor]:
+        """alpha * u per response: what each step pays."""
+        return [self.alpha * u for u in self.steps]
+
+    def on_tokens(self, mask: torch.Tensor) -> torch.Tensor:
+        """The summed token reward r [B, T]: outcome on the last token, step rewards on their end tokens,
+        -beta * kl everywhere. mask: [B, T], 1 on response tokens."""
+        return place_rewards(self.outcome, self.step_rewards, self.step_ends, mask) - self.beta * self.kl

@@ -248,7 +248,7 @@ def build_tokenizer():
 # Supervised warm start, cached by seed and configuration
 # -------------------------------------------------------------------------------------------------
 
-# The configuration of DESIGN.md section 6, except 800 SFT steps at lr 3e-3 instead of 1,500 at 2e-3: the same
+# The toy world's first plan was 1,500 SFT steps at lr 2e-3; 800 steps at lr 3e-3 give the same
 # warm start (greedy success 0.99 vs 1.00, sampled 0.58 vs 0.61 on 200 held-out problems) in half the time
 # (about 5 min on one thread). Every field is part of the cache key.
 FULL_CONFIG = dict(
@@ -453,19 +453,45 @@ def window_means(rows: list[dict], key: str) -> tuple[float, float]:
     return sum(r[key] for r in first) / len(first), sum(r[key] for r in last) / len(last)
 
 
+FAIL_SUCCESS_DROP = 0.1  # a run "fails" when its end success is this far below `success` under its estimator,
+FAIL_STEPS_GROWTH = 1.0  # ... or its steps per response grow by more than this from start to end
+
+
+def verdict(config: dict, rows: list[dict], reference: list[dict] | None) -> str:
+    """"fails: ..." / "holds" against the `success` run of the same estimator (`reference`), "-" without one."""
+    steps_start, steps_end = window_means(rows, "response/steps")
+    reasons = [f"steps +{steps_end - steps_start:.1f}"] if steps_end - steps_start > FAIL_STEPS_GROWTH else []
+    if reference is None:
+        return "fails: " + reasons[0] if reasons else "-"
+    drop = window_means(reference, "reward/success")[1] - window_means(rows, "reward/success")[1]
+    if drop > FAIL_SUCCESS_DROP:
+        reasons.insert(0, f"success -{drop:.2f}")
+    return "fails: " + ", ".join(reasons) if reasons else "holds"
+
+
 def report(run_dirs: list[Path], out: Path | None) -> str:
-    """Markdown table of the runs (and a PNG plot beside `out` when matplotlib is installed)."""
+    """Markdown table of the runs (and a PNG plot beside `out` when matplotlib is installed).
+
+    Runs without an `advantage` in config.json predate --advantage and read as `gae`. The last column judges
+    each run against the `success` run of the same estimator among `run_dirs` (see `verdict`).
+    """
     runs = [(run_dir, *read_run(run_dir)) for run_dir in run_dirs]
-    header = ["run", "reward", "alpha", "PPO steps", "minutes"] + [name for name, _ in REPORT_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for _, config, _ in runs:
+        config.setdefault("advantage", "gae")
+    success_rows = {c["advantage"]: rows for _, c, rows in runs if c["reward"] == "success"}
+    header = ["run", "reward", "alpha", "advantage", "PPO steps", "minutes"] + [n for n, _ in REPORT_COLUMNS]
+    lines = ["| " + " | ".join(header + ["verdict"]) + " |", "|" + " --- |" * (len(header) + 1)]
     for run_dir, config, rows in runs:
         alpha = "-" if config["reward"] == "success" else f"{config['alpha']:g}"
         minutes = sum(r.get("time/step", 0.0) for r in rows) / 60  # PPO steps only, model loading excluded
-        cells = [run_dir.name, str(config["reward"]), alpha, str(rows[-1]["step"]), f"{minutes:.1f}"]
+        cells = [run_dir.name, str(config["reward"]), alpha, config["advantage"], str(rows[-1]["step"]),
+                 f"{minutes:.1f}"]
         for name, key in REPORT_COLUMNS:
             start, end = window_means(rows, key)
             digits = 1 if key in ("response/steps", "response/length") else 2
             cells.append(f"{start:.{digits}f} -> {end:.{digits}f}")
+        reference = None if config["reward"] == "success" else success_rows.get(config["advantage"])
+        cells.append(verdict(config, rows, reference))
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     if out is None:
@@ -477,6 +503,13 @@ def report(run_dirs: list[Path], out: Path | None) -> str:
     except ImportError:
         print("report: matplotlib is not installed (pip install -e '.[plot]'), no plot written", file=sys.stderr)
         return table
+    plot(runs, out.with_suffix(".png"))
+    return table
+
+
+def plot(runs: list[tuple[Path, dict, list[dict]]], path: Path) -> None:
+    """Success rate and steps per response against PPO step: one row of two panels per estimator."""
+    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -484,21 +517,25 @@ def report(run_dirs: list[Path], out: Path | None) -> str:
         return [sum(values[max(0, i + 1 - width):i + 1]) / len(values[max(0, i + 1 - width):i + 1])
                 for i in range(len(values))]
 
-    fig, (ax_success, ax_steps) = plt.subplots(1, 2, figsize=(11, 4))
-    for run_dir, config, rows in runs:
-        label = str(config["reward"])
-        if config["reward"] != "success":
-            label += f" (alpha {config['alpha']:g})"
-        steps = [r["step"] for r in rows]
-        ax_success.plot(steps, smoothed([r["reward/success"] for r in rows]), label=label)
-        ax_steps.plot(steps, smoothed([r["response/steps"] for r in rows]), label=label)
-    ax_success.set(xlabel="PPO step", ylabel="success rate of rollouts (mean of 5 steps)", ylim=(0, 1))
-    ax_steps.set(xlabel="PPO step", ylabel="steps per response (mean of 5 steps)")
-    ax_steps.legend(fontsize="small")
+    estimators = list(dict.fromkeys(config["advantage"] for _, config, _ in runs))
+    fig, axes = plt.subplots(len(estimators), 2, figsize=(11, 4 * len(estimators)), squeeze=False)
+    for (ax_success, ax_steps), estimator in zip(axes, estimators):
+        for run_dir, config, rows in runs:
+            if config["advantage"] != estimator:
+                continue
+            label = str(config["reward"])
+            if config["reward"] != "success":
+                label += f" (alpha {config['alpha']:g})"
+            steps = [r["step"] for r in rows]
+            ax_success.plot(steps, smoothed([r["reward/success"] for r in rows]), label=label)
+            ax_steps.plot(steps, smoothed([r["response/steps"] for r in rows]), label=label)
+        suffix = f" [{estimator}]" if len(estimators) > 1 else ""
+        ax_success.set(xlabel="PPO step", ylabel="success rate (mean of 5 steps)" + suffix, ylim=(0, 1))
+        ax_steps.set(xlabel="PPO step", ylabel="steps per response (mean of 5 steps)" + suffix)
+        ax_steps.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return table
 
 
 # -------------------------------------------------------------------------------------------------

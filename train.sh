@@ -7,6 +7,7 @@
 #   bash train.sh cpu-tiny            the tiny preset on 2 CPU ranks (gloo): the distributed path without a GPU
 #   bash train.sh toy-ablation        the CPU toy world: every reward at alpha = 1, then a table (and a plot: .[plot])
 #   bash train.sh toy-alpha           the toy world: prm and delta at alpha = 0.5 and 0.2
+#   bash train.sh toy-estimators      the toy world: every reward under every --advantage (PARALLEL=2 runs at once)
 #
 # Example: bash train.sh paper-1.5b --reward delta --output-dir runs/delta
 set -euo pipefail
@@ -59,7 +60,31 @@ PY
       done
     done
     python toy.py report runs/toy-alpha/{prm,delta}-{0.5,0.2} --out runs/toy-alpha/report.md ;;
+  toy-estimators)
+    # 6 rewards x 4 estimators with the toy ablation's seed, budget and learning rates; PARALLEL runs at once,
+    # one thread each, each logging to <run>.log. A failed run stops nothing else; the recipe then exits 1.
+    export OMP_NUM_THREADS=1
+    root=runs/toy-estimators
+    mkdir -p "$root"
+    run_cell() {  # run_cell ADVANTAGE REWARD [ppo.py flags]
+      local out="$root/$2-$1"
+      python ppo.py --preset toy --reward "$2" --alpha 1 --advantage "$1" --output-dir "$out" \
+        $(resume_if_started "$out") "${@:3}" > "$out.log" 2>&1 || { echo "failed: $out (see $out.log)" >&2; return 1; }
+      echo "done: $out"
+    }
+    failed=0
+    estimators="grpo rloo reinforce_pp gae" rewards="success prm clip delta clip_delta minform"
+    for advantage in $estimators; do
+      for reward in $rewards; do
+        while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-2}" ]; do wait -n || failed=1; done
+        run_cell "$advantage" "$reward" "$@" &
+      done
+    done
+    while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
+    python toy.py report $(for a in $estimators; do for r in $rewards; do echo "$root/$r-$a"; done; done) \
+      --out "$root/report.md"
+    exit "$failed" ;;
   *)
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     [ -z "$recipe" ] || { echo "unknown recipe: $recipe" >&2; exit 2; } ;;
 esac

@@ -1,8 +1,8 @@
 """Worker for tests/test_distributed.py, run under `torch.distributed.run` (or alone as the 1-process reference).
 
     python tests/distributed_worker.py update ROLLOUT OUT.json --reward prm --cache-dir DIR
-        train_on_rollout on this rank's share of a saved rollout; rank 0 writes metrics and a fingerprint
-        of the updated policy and critic.
+        train_on_rollout on this rank's share of a saved rollout (split on group boundaries) under every
+        estimator; rank 0 writes the metrics and a fingerprint of the updated policy (and critic) of each.
     python tests/distributed_worker.py generate OUT.json --cache-dir DIR
         generation under FSDP2 vs the same model unsharded, and the all-gathers counted per rollout.
 """
@@ -39,18 +39,20 @@ def fingerprint(model) -> dict[str, float]:
 
 
 def update(rollout_path: str, out: str, reward: str, cache_dir: str, extra: list[str]) -> None:
-    cfg = ppo.parse_config(["--preset", "tiny", "--reward", reward, "--cache-dir", cache_dir, "--ppo-epochs", "2",
-                            "--ppo-minibatches", "1", "--micro-batch-tokens", "64", "--prm", "none", *extra])
+    """One update per estimator in ppo.ESTIMATORS, each from the same initial models and saved rollout."""
     rank, world, device = models.init_distributed()
-    ppo.resolve_local_models(cfg, rank)
-    ctx = ppo.setup(cfg, rank, world, device)
-    ro = rank_share(torch.load(rollout_path, weights_only=True), rank, world)
-    metrics = ppo.train_on_rollout(cfg, 1, ro, ctx)
-    prints = {"policy": fingerprint(ctx["policy"]), "critic": fingerprint(ctx["critic"])}
+    results = {}
+    for advantage in ppo.ESTIMATORS:
+        cfg = ppo.parse_config(["--preset", "tiny", "--reward", reward, "--cache-dir", cache_dir, "--ppo-epochs", "2",
+                                "--ppo-minibatches", "1", "--micro-batch-tokens", "64", "--prm", "none",
+                                "--advantage", advantage, *extra])
+        ppo.resolve_local_models(cfg, rank)
+        run = ppo.setup(cfg, rank, world, device)
+        ro = rank_share(torch.load(rollout_path, weights_only=True), rank, world)
+        metrics = ppo.train_on_rollout(cfg, 1, ro, run)
+        results[advantage] = {"metrics": metrics, **{name: fingerprint(model) for name, (model, _) in run.trained().items()}}
     if rank == 0:
-        Path(out).write_text(json.dumps({"metrics": metrics, **prints}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        Path(out).write_text(json.dumps(results))
 
 
 def generate(out: str, cache_dir: str) -> None:
@@ -98,7 +100,6 @@ def generate(out: str, cache_dir: str) -> None:
     dist.all_gather_object(every, result)
     if rank == 0:
         Path(out).write_text(json.dumps(every))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -114,3 +115,4 @@ if __name__ == "__main__":
         update(*args.paths, args.reward, args.cache_dir, extra)
     else:
         generate(*args.paths, args.cache_dir)
+    models.end_distributed()

@@ -1,6 +1,6 @@
 """Answer extraction and checking: known equal / unequal pairs, the worker pool's timeout and kill path.
 
-Expected values are mathematical truth under DESIGN.md's conventions (units and degree signs are dropped,
+Expected values are mathematical truth under the grader's conventions (units and degree signs are dropped,
 `10\\%` equals both 10 and 0.1, interval brackets count). Pairs where math-verify 0.9 disagrees with the
 truth are left out and listed in NOT_TESTED, so a grader upgrade that fixes them can be noticed.
 """
@@ -107,7 +107,7 @@ BOXED_PAIRS = [
     (r"5\text{ cm}", r"5", True),
     (r"5", r"5 \mathrm{cm}", True),
     (r"5", r"6\text{ cm}", False),
-    # percentages: 10\% is accepted as both 10 and 0.1 (DESIGN.md), no x100 leniency on plain numbers
+    # percentages: 10\% is accepted as both 10 and 0.1 (our convention), no x100 leniency on plain numbers
     (r"10", r"10\%", True),
     (r"0.1", r"10\%", True),
     (r"10\%", r"10", True),

@@ -41,14 +41,15 @@ def saved_rollout(cache_dir, tmp_path_factory):
                             "--samples-per-prompt", "2", "--prompts-per-step", "4", "--max-new-tokens", "24"])
     ppo.resolve_local_models(cfg, 0)
     torch.manual_seed(0)
-    ctx = ppo.setup(cfg, 0, 1, torch.device("cpu"))
-    ctx["checker"] = lambda texts, golds: [False] * len(texts)
+    run = ppo.setup(cfg, 0, 1, torch.device("cpu"))
+    run.checker = lambda texts, golds: [False] * len(texts)
     import data
 
-    problems, _ = data.tokenize_prompts(ctx["tokenizer"], data.tiny_problems(seed=0), 256)
-    ro = ppo.rollout(cfg, problems[:4], ctx)
-    ro["success"] = torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0]) * (~ro["truncated"]).float()  # some successes
-    ro["sequence_reward"] = ro["success"].clone()
+    problems, _ = data.tokenize_prompts(run.tokenizer, data.tiny_problems(seed=0), 256)
+    ro = ppo.rollout(cfg, problems[:4], run)
+    # Some successes; group 0 (rows 0, 1) has unequal outcomes, group 3 (rows 6, 7) equal ones.
+    ro["success"] = torch.tensor([1.0, 0, 0, 1, 0, 1, 0, 0]) * (~ro["truncated"]).float()
+    assert ro["groups"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # 4 rows per rank: groups stay on one rank
     assert any(len(s) > 1 for s in ro["step_scores"])
     path = tmp_path_factory.mktemp("rollout") / "rollout.pt"
     torch.save(ro, path)
@@ -56,7 +57,7 @@ def saved_rollout(cache_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("reward,extra", [("prm", []), ("clip_delta", ["--gradient-checkpointing"])])
-def test_update_with_two_ranks_equals_one_process(saved_rollout, cache_dir, tmp_path, reward, extra):
+def test_update_with_two_ranks_equals_one_process_for_every_estimator(saved_rollout, cache_dir, tmp_path, reward, extra):
     args = ["tests/distributed_worker.py", "update", str(saved_rollout), "{out}", "--reward", reward, "--cache-dir", cache_dir,
             *extra]
     results = {}
@@ -64,16 +65,26 @@ def test_update_with_two_ranks_equals_one_process(saved_rollout, cache_dir, tmp_
         out = tmp_path / f"{name}.json"
         launch([a.format(out=out) for a in args], nproc)
         results[name] = json.loads(out.read_text())
-    single, double = results["single"], results["two_ranks"]
-    # Tolerance: the same sums in a different order (micro-batches, ranks) in fp32.
-    for key in ("loss/policy", "loss/value", "policy/grad_norm", "value/grad_norm", "reward/process",
-                "reward/total", "policy/clip_frac", "policy/approx_kl"):
-        assert double["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), key
-    assert single["metrics"]["loss/policy"] != 0.0 and single["metrics"]["policy/grad_norm"] > 0
-    for model in ("policy", "critic"):
-        assert double[model].keys() == single[model].keys()
-        for key in single[model]:
-            assert double[model][key] == pytest.approx(single[model][key], rel=1e-5, abs=1e-5), (model, key)
+    assert list(results["single"]) == list(ppo.ESTIMATORS)
+    for advantage in ppo.ESTIMATORS:
+        single, double = results["single"][advantage], results["two_ranks"][advantage]
+        # Tolerance: the same sums in a different order (micro-batches, ranks) in fp32.
+        keys = ["loss/policy", "policy/grad_norm", "reward/process", "reward/total", "policy/clip_frac",
+                "policy/approx_kl", "advantage/equal_outcome_groups"]
+        keys += ["loss/value", "value/grad_norm"] if advantage in ppo.NEEDS_CRITIC else []
+        assert single["metrics"].keys() == double["metrics"].keys()
+        for key in keys:
+            assert double["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), (advantage, key)
+        assert single["metrics"]["loss/policy"] != 0.0 and single["metrics"]["policy/grad_norm"] > 0
+        assert ("critic" in single) == (advantage in ppo.NEEDS_CRITIC)
+        for model in ("policy", "critic") if "critic" in single else ("policy",):
+            assert double[model].keys() == single[model].keys()
+            for key in single[model]:
+                assert double[model][key] == pytest.approx(single[model][key], rel=1e-5, abs=1e-5), (advantage, model, key)
+    # The critic starts with a zero head, so at step 1 GAE (lambda = 1) is REINFORCE++ exactly; the others differ.
+    prints = {a: json.dumps(results["single"][a]["policy"]) for a in ppo.ESTIMATORS}
+    assert prints["gae"] == prints["reinforce_pp"]
+    assert len({prints["gae"], prints["grpo"], prints["rloo"]}) == 3
 
 
 def test_generation_under_fsdp_matches_unsharded_with_one_all_gather_per_rollout(cache_dir, tmp_path):
@@ -114,3 +125,29 @@ def test_two_rank_run_resumes_with_the_same_metrics_and_exports_the_sharded_weig
     # A checkpoint from 2 ranks does not resume under 1.
     with pytest.raises(SystemExit, match="saved by 2 ranks, this run has 1"):
         ppo.main(common[1:] + ["--output-dir", str(tmp_path / "a"), "--steps", "5", "--resume"])
+
+
+def test_end_distributed_exits_zero_with_output_flushed_and_no_interpreter_finalisation(tmp_path):
+    # The abort it prevents is a race (gloo threads alive during finalisation); what is checked here is the
+    # mechanism: the rank ends with status 0, its buffered output written, and no finalisation ran (an atexit
+    # handler would have written the marker).
+    script = tmp_path / "end.py"
+    script.write_text(
+        "import atexit, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import torch, torch.distributed as dist\n"
+        "import models\n"
+        "rank, world, _ = models.init_distributed()\n"
+        "out = [torch.zeros(3) for _ in range(world)]\n"
+        "dist.all_gather(out, torch.ones(3))\n"
+        f"atexit.register(lambda: open({str(tmp_path)!r} + f'/finalised{{rank}}', 'w').close())\n"
+        f"open({str(tmp_path)!r} + f'/out{{rank}}', 'w').write(str(sum(float(t.sum()) for t in out)))\n"
+        "print(f'rank {rank} done', end='')\n"
+        "models.end_distributed()\n"
+        "print('not reached')\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                          cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 done" in done.stdout and "rank 1 done" in done.stdout and "not reached" not in done.stdout
+    assert [(tmp_path / f"out{r}").read_text() for r in range(2)] == ["6.0", "6.0"]
+    assert not list(tmp_path.glob("finalised*"))

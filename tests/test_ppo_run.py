@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
+import models
 import ppo
 import rewards
 
@@ -41,10 +43,13 @@ def test_every_reward_runs_two_tiny_steps(cache_dir, tmp_path, reward):
     assert samples and all(len(s["step_rewards"]) == len(s["step_scores"]) or reward in ("success", "orm") for s in samples)
 
 
-def test_resume_gives_the_same_metrics_and_export_loads(cache_dir, tmp_path):
-    straight = run(cache_dir, tmp_path / "a", "--steps", "4", "--save-every", "2", "--reward", "clip_delta")
-    run(cache_dir, tmp_path / "b", "--steps", "2", "--save-every", "2", "--reward", "clip_delta")
-    resumed = run(cache_dir, tmp_path / "b", "--steps", "4", "--save-every", "2", "--reward", "clip_delta", "--resume")
+@pytest.mark.parametrize("advantage", list(ppo.ESTIMATORS))
+def test_resume_gives_the_same_metrics_and_export_loads(cache_dir, tmp_path, advantage):
+    """With learning-rate warm-up longer than the first run, so the schedule must be restored, not restarted."""
+    flags = ["--save-every", "2", "--reward", "clip_delta", "--advantage", advantage, "--warmup-steps", "6"]
+    straight = run(cache_dir, tmp_path / "a", "--steps", "4", *flags)
+    run(cache_dir, tmp_path / "b", "--steps", "2", *flags)
+    resumed = run(cache_dir, tmp_path / "b", "--steps", "4", *flags, "--resume")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(straight, resumed):
         for key in a:
@@ -56,6 +61,26 @@ def test_resume_gives_the_same_metrics_and_export_loads(cache_dir, tmp_path):
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "policy")
     assert exported.num_parameters() > 0
+    assert (tmp_path / "a" / "critic").is_dir() == (advantage == "gae")
+
+
+@pytest.mark.parametrize("advantage", [a for a in ppo.ESTIMATORS if a not in ppo.NEEDS_CRITIC])
+def test_a_critic_free_run_never_builds_or_calls_a_critic(cache_dir, tmp_path, monkeypatch, advantage):
+    def no_critic(*args, **kwargs):
+        raise AssertionError("a critic was built or called under a critic-free estimator")
+
+    monkeypatch.setattr(models.Critic, "load", no_critic)
+    monkeypatch.setattr(models.Critic, "__init__", no_critic)
+    monkeypatch.setattr(models.Critic, "forward", no_critic)
+    metrics = run(cache_dir, tmp_path, "--steps", "2", "--save-every", "1", "--advantage", advantage)
+    run(cache_dir, tmp_path, "--steps", "3", "--advantage", advantage, "--resume")
+    assert not (tmp_path / "critic").exists()
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(tmp_path / "checkpoints" / "step_3")).read_metadata().state_dict_metadata
+    assert keys and not any(k.startswith("critic") for k in keys), sorted(keys)[:5]
+    assert not any(k.startswith(("loss/value", "value/")) for m in metrics for k in m)
+    assert 0.0 <= metrics[0]["advantage/equal_outcome_groups"] <= 1.0
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(cache_dir, tmp_path):
@@ -72,6 +97,9 @@ def test_resume_refuses_a_checkpoint_from_another_config(cache_dir, tmp_path):
     (["--model", "./no/such/model"], "--model: no such folder"),
     (["--train-data", str(Path(__file__).parent / "fixtures" / "bad" / "rows.jsonl")], "--train-data: .*rows.jsonl row"),
     (["--train-data", "nosuchsource"], "--train-data: data source 'nosuchsource'"),
+    (["--advantage", "ppo2"], "--advantage: unknown 'ppo2'; choose one of gae, grpo, rloo, reinforce_pp"),
+    (["--advantage", "grpo", "--critic", "some/critic"], "--critic some/critic: --advantage grpo is critic-free"),
+    (["--advantage", "rloo", "--samples-per-prompt", "1"], "--advantage rloo .* needs --samples-per-prompt >= 2"),
 ])
 def test_bad_input_is_named_before_any_work(cache_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -140,7 +168,6 @@ def test_a_kill_mid_save_leaves_the_previous_checkpoint_usable(cache_dir, tmp_pa
 def test_keeps_the_last_n_checkpoints_and_exports_a_critic_that_reloads(cache_dir, tmp_path):
     run(cache_dir, tmp_path, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "2")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_3", "step_4"]
-    import models
     import torch.distributed.checkpoint as dcp
 
     critic = models.Critic.load(str(tmp_path / "critic"), flag="--critic")
@@ -154,3 +181,30 @@ def test_keeps_the_last_n_checkpoints_and_exports_a_critic_that_reloads(cache_di
 def test_an_unreachable_hub_id_names_the_flag_the_id_and_the_local_presets(cache_dir, tmp_path):
     with pytest.raises(RuntimeError, match=r"(?s)--model: could not load .nobody/no-such-model.*--preset tiny"):
         run(cache_dir, tmp_path, "--model", "nobody/no-such-model", "--steps", "1")
+
+
+def test_sampling_ignores_the_checkpoints_top_k_and_top_p(cache_dir):
+    """The tiny policy's generation_config says top_k 40, top_p 0.7: a rollout must sample from the whole
+    distribution at --temperature, so some sampled tokens lie outside the top 40 and outside the 0.7 nucleus."""
+    cfg = ppo.parse_config(["--preset", "tiny", "--cache-dir", cache_dir, "--temperature", "0.7",
+                            "--samples-per-prompt", "8"])
+    ppo.resolve_local_models(cfg, rank=0)
+    policy = models.load_model(cfg.model, flag="--model", device="cpu")
+    assert policy.generation_config.top_k == 40 and policy.generation_config.top_p == 0.7
+    tokenizer = models.load_tokenizer(cfg.model)
+    problems, _ = data.tokenize_prompts(tokenizer, data.tiny_problems(seed=0), cfg.max_prompt_tokens)
+    torch.manual_seed(0)
+    prompts = [p["prompt_ids"] for p in problems[:4] for _ in range(cfg.samples_per_prompt)]
+    responses = models.generate(policy, prompts, pad_id=tokenizer.pad_token_id, stop_ids=[tokenizer.eos_token_id],
+                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    ranks, mass_before = [], []
+    with torch.no_grad():
+        for prompt, response in zip(prompts, responses):
+            logits = policy(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1] / cfg.temperature
+            probs = torch.softmax(logits.float(), -1)
+            for t, token in enumerate(response):
+                higher = probs[t] > probs[t, token]
+                ranks.append(int(higher.sum()))  # 0 for the most likely token
+                mass_before.append(float(probs[t][higher].sum()))
+    assert max(ranks) >= 40, "no sampled token outside the top 40: the checkpoint's top_k leaked into sampling"
+    assert max(mass_before) >= 0.7, "no sampled token outside the 0.7 nucleus: top_p leaked into sampling"

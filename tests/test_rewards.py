@@ -26,7 +26,8 @@ from rewards import (
     place_rewards,
     split_steps,
     step_end_indices,
-    step_rewards,
+    transform_steps,
+    RolloutRewards,
 )
 
 CFG = SimpleNamespace(eta=0.5, minform_temperature=0.1)
@@ -321,7 +322,7 @@ def test_delta_rewards_hand_vectors():
 
 
 def test_delta_suffix_sums_telescope():
-    """DESIGN.md: the rewards from any non-final step k on sum to s_k; from the final step, 0."""
+    """Delta telescopes: the rewards from any non-final step k on sum to s_k; from the final step, 0."""
     gen = torch.Generator().manual_seed(0)
     for k_steps in range(1, 9):
         scores = torch.rand(k_steps, generator=gen)
@@ -349,24 +350,43 @@ def test_minform_rewards():
         minform_rewards(scores, 0.0)
 
 
-def test_step_rewards_scales_by_alpha_and_names_choices(monkeypatch):
+def test_transform_steps_names_choices_and_takes_registered_transforms(monkeypatch):
     assert REWARD_CHOICES == ["success", "orm", "prm", "clip", "delta", "clip_delta", "minform"]
     scores = [[0.9, 0.8, 0.7, 0.6], [0.2], []]
-    got = step_rewards(scores, "delta", CFG, alpha=0.5)
-    assert [close(g, e) for g, e in zip(got, [[0.05, 0.05, 0.35, 0.0], [0.0], []])] == [True] * 3
-    assert close(step_rewards(scores, "prm", CFG, 2.0)[0], [1.8, 1.6, 1.4, 1.2])
-    assert close(step_rewards(scores, "clip", CFG, 1.0)[1], [-0.3])
-    assert close(step_rewards(scores, "clip_delta", CFG, 1.0)[0], [0.0, 0.0, 0.0, 0.0])
-    assert all(t.shape == (0,) for t in step_rewards(scores, "success", CFG, 1.0))
-    assert all(t.shape == (0,) for t in step_rewards(scores, "orm", CFG, 1.0))
+    got = transform_steps(scores, "delta", CFG)
+    assert [close(g, e) for g, e in zip(got, [[0.1, 0.1, 0.7, 0.0], [0.0], []])] == [True] * 3
+    assert close(transform_steps(scores, "prm", CFG)[0], [0.9, 0.8, 0.7, 0.6])
+    assert close(transform_steps(scores, "clip", CFG)[1], [-0.3])
+    assert close(transform_steps(scores, "clip_delta", CFG)[0], [0.0, 0.0, 0.0, 0.0])
+    assert all(t.shape == (0,) for t in transform_steps(scores, "success", CFG))
+    assert all(t.shape == (0,) for t in transform_steps(scores, "orm", CFG))
     with pytest.raises(ValueError, match=r"--reward 'nope'.*success, orm, prm, clip, delta, clip_delta, minform"):
-        step_rewards(scores, "nope", CFG, 1.0)
+        transform_steps(scores, "nope", CFG)
     # a researcher's own transform is one dict entry
     monkeypatch.setitem(STEP_TRANSFORMS, "mine", lambda s, cfg: s - cfg.eta)
-    assert close(step_rewards([[0.9, 0.1]], "mine", CFG, 1.0)[0], [0.4, -0.4])
+    assert close(transform_steps([[0.9, 0.1]], "mine", CFG)[0], [0.4, -0.4])
     monkeypatch.setitem(STEP_TRANSFORMS, "broken", lambda s, cfg: s.sum())
     with pytest.raises(ValueError, match="one reward per step"):
-        step_rewards([[0.9, 0.1]], "broken", CFG, 1.0)
+        transform_steps([[0.9, 0.1]], "broken", CFG)
+
+
+@pytest.mark.parametrize("reward", ["delta", "orm"])
+def test_rollout_rewards_apply_alpha_once_to_steps_and_orm_alike(reward):
+    # Two responses of 4 and 3 tokens; hand-computed token rewards with alpha 0.5, beta 0.1.
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]])
+    ro = dict(success=torch.tensor([1.0, 0.0]), orm_scores=torch.tensor([0.8, 0.4]) if reward == "orm" else torch.zeros(2),
+              step_scores=[[0.9, 0.6], [0.5]], step_ends=[[1, 3], [2]],
+              old_logp=torch.tensor([[-1.0, -2, -1, -1], [-1, -1, -1, -9]]),
+              ref_logp=torch.tensor([[-1.5, -2, -1, -1], [-1, -0.5, -1, -9]]), mask=mask)
+    cfg = SimpleNamespace(reward=reward, alpha=0.5, beta=0.1, eta=0.5, minform_temperature=0.1)
+    got = RolloutRewards.of_rollout(ro, cfg)
+    kl = [[0.5, 0, 0, 0], [0, -0.5, 0, 0]]  # (old - ref) on the mask
+    if reward == "delta":  # delta of [0.9, 0.6] -> [0.9, 0.0]; of [0.5] -> [0.0]
+        expected = [[-0.05, 0.45, 0, 1.0], [0, 0.05, 0, 0]]
+        assert close(got.step_rewards[0], [0.45, 0.0]) and close(got.steps[0], [0.9, 0.0])
+    else:  # no step rewards; success + 0.5 * ORM on the last token
+        expected = [[-0.05, 0, 0, 1.4], [0, 0.05, 0.2, 0]]
+    assert torch.allclose(got.on_tokens(mask), torch.tensor(expected), atol=1e-6)
 
 
 # -------------------------------------------------------------------------------------------------

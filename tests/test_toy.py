@@ -278,18 +278,39 @@ def test_report_table_uses_first_and_last_ten_steps(tmp_path):
     write_run(tmp_path / "success", {"reward": "success", "alpha": 1.0}, rows[:5])
     table = toy.report([tmp_path / "prm_a1", tmp_path / "success"], out=None)
     lines = table.splitlines()
-    assert lines[0] == ("| run | reward | alpha | PPO steps | minutes | success | steps per response | length (tokens) "
-                        "| truncated |")
+    assert lines[0] == ("| run | reward | alpha | advantage | PPO steps | minutes | success | steps per response "
+                        "| length (tokens) | truncated | verdict |")
     # first ten steps 1..10: success mean 5.5/20 = 0.275, length 25.5, steps 4, truncated 0;
     # last ten steps 11..20: success 15.5/20 = 0.775, length 35.5, steps 4.6, truncated 0.15.
-    # 20 steps of 3 s: 1.0 minute.
-    assert lines[2] == "| prm_a1 | prm | 1 | 20 | 1.0 | 0.28 -> 0.78 | 4.0 -> 4.6 | 25.5 -> 35.5 | 0.00 -> 0.15 |"
+    # 20 steps of 3 s: 1.0 minute. A run without "advantage" in its config predates the flag: gae.
+    # Against `success` (end 0.15) prm ends higher and its steps grow by 0.6 <= 1.0: it holds.
+    assert lines[2] == ("| prm_a1 | prm | 1 | gae | 20 | 1.0 | 0.28 -> 0.78 | 4.0 -> 4.6 | 25.5 -> 35.5 "
+                        "| 0.00 -> 0.15 | holds |")
     # a run shorter than ten steps: both windows cover all of it; alpha is not shown for success only.
-    assert lines[3] == "| success | success | - | 5 | 0.2 | 0.15 -> 0.15 | 4.0 -> 4.0 | 23.0 -> 23.0 | 0.00 -> 0.00 |"
+    assert lines[3] == ("| success | success | - | gae | 5 | 0.2 | 0.15 -> 0.15 | 4.0 -> 4.0 | 23.0 -> 23.0 "
+                        "| 0.00 -> 0.00 | - |")
 
     out = tmp_path / "out" / "table.md"
     toy.main(["report", str(tmp_path / "prm_a1"), "--out", str(out)])
-    assert out.read_text() == "\n".join(lines[:3]) + "\n"
+    alone = lines[2].replace("| holds |", "| - |")  # without a `success` run there is nothing to judge against
+    assert out.read_text() == "\n".join([*lines[:2], alone]) + "\n"
+
+
+def test_report_verdict_compares_with_success_under_the_same_estimator(tmp_path):
+    def run(name, reward, advantage, success, steps_end):
+        rows = [{"step": i, "reward/success": success, "response/length": 30, "response/steps": 4 + steps_end * (i > 10),
+                 "response/truncated": 0.0} for i in range(1, 21)]
+        write_run(tmp_path / name, {"reward": reward, "alpha": 1.0, "advantage": advantage}, rows)
+        return tmp_path / name
+    runs = [run("s_gae", "success", "gae", 0.8, 0), run("s_grpo", "success", "grpo", 0.5, 0),
+            run("prm_gae", "prm", "gae", 0.6, 3.0),     # 0.2 below gae's success and steps +3: fails twice
+            run("clip_gae", "clip", "gae", 0.75, 0.5),  # 0.05 below, steps +0.5: holds
+            run("prm_grpo", "prm", "grpo", 0.6, 0),     # above grpo's success (0.5), not gae's: holds
+            run("delta_grpo", "delta", "grpo", 0.35, 1.5),  # 0.15 below, steps +1.5
+            run("clip_rloo", "clip", "rloo", 0.1, 2.0)]     # no success run under rloo: steps only
+    verdicts = [line.rsplit("|", 2)[-2].strip() for line in toy.report(runs, out=None).splitlines()[2:]]
+    assert verdicts == ["-", "-", "fails: success -0.20, steps +3.0", "holds", "holds",
+                        "fails: success -0.15, steps +1.5", "fails: steps +2.0"]
 
 
 def test_report_errors_name_the_file_and_line(tmp_path):
@@ -314,7 +335,8 @@ def test_report_plot_is_written_beside_the_table(tmp_path):
     rows = [{"step": i, "reward/success": 0.5, "response/length": 30, "response/steps": 4,
              "response/truncated": 0.0} for i in range(1, 4)]
     write_run(tmp_path / "clip", {"reward": "clip", "alpha": 1.0}, rows)
-    toy.report([tmp_path / "clip"], out=tmp_path / "ablation.md")
+    write_run(tmp_path / "clip_grpo", {"reward": "clip", "alpha": 1.0, "advantage": "grpo"}, rows)
+    toy.report([tmp_path / "clip", tmp_path / "clip_grpo"], out=tmp_path / "ablation.md")  # two rows of panels
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
