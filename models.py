@@ -35,12 +35,17 @@ def attn_implementation() -> str:
     return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
 
 
-def _hub_error(flag: str, name: str, err: Exception) -> RuntimeError:
-    return RuntimeError(
-        f"{flag}: could not load '{name}' ({type(err).__name__}: {err}). It is neither a local folder nor "
-        "reachable on the Hugging Face hub. Without hub access, try `--preset tiny` or `--preset toy`, which "
-        "build their models locally."
-    )
+def _hub_error(flag: str, name: str, err: Exception) -> SystemExit:
+    """The one-line exit for a model that cannot be loaded: names the flag, the cause and what to try."""
+    folder = Path(name).expanduser()
+    if folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
+        return SystemExit(f"{flag}: '{name}' holds only pickled .bin weights, and we load safetensors only (a "
+                          "pickle can run code): convert the folder to safetensors, or load a hub revision that has "
+                          "them (the hub's conversion bot leaves them on a PR branch such as refs/pr/1)")
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return SystemExit(f"{flag}: could not load '{name}' ({type(err).__name__}: {reason}); it is neither a local "
+                      "folder nor reachable on the Hugging Face hub. Without hub access, try `--preset tiny` or "
+                      "`--preset toy`, which build their models locally")
 
 
 def load_config(name: str, flag: str, trust_remote_code: bool = False):
@@ -91,9 +96,7 @@ def load_model(
         )
     except (OSError, ValueError) as err:
         if "trust_remote_code" in str(err):
-            raise RuntimeError(
-                f"{flag}: '{name}' needs code from the hub; pass --trust-remote-code if you trust it"
-            ) from err
+            raise SystemExit(f"{flag}: '{name}' needs code from the hub; pass --trust-remote-code if you trust it") from err
         raise _hub_error(flag, name, err) from err
     disable_dropout(model)
     return model.to(device)

@@ -610,7 +610,7 @@ def load_problems(source: str, split: str, cfg: Config) -> list[dict]:
     try:
         return data.load_problems(source, split, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
                                   skip_bad_rows=cfg.skip_bad_rows)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # RuntimeError: a hub dataset out of reach
         raise SystemExit(f"{'--train-data' if split == 'train' else '--eval-data'}: {err}") from err
 
 

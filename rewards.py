@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import pickle
 import re
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -141,6 +143,29 @@ def _worker_context():
     return multiprocessing.get_context("spawn")
 
 
+@contextlib.contextmanager
+def _main_script_hidden(hide: bool):
+    """While a worker starts, make the main module look like an interactive session's (no file, no spec).
+
+    multiprocessing re-imports the main script in every spawn or forkserver child so that objects pickled
+    from it can be found. Our workers need nothing from it, and importing it breaks in the cases people
+    use a grading function from: a script on stdin (`<stdin>` cannot be imported), `python -c`, a notebook,
+    or an unguarded script (its top level would run again in every worker). Not hidden when `hide` is
+    False: a `verify_fn` defined in the main script must be found there.
+    """
+    main = sys.modules["__main__"]
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if key in main.__dict__}
+    if hide:
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+    try:
+        yield
+    finally:
+        if hide:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
+
+
 @dataclass
 class _Worker:
     process: Any
@@ -168,9 +193,10 @@ class AnswerChecker:
 
     The pool lives until `close()` (or the end of a `with` block, or interpreter exit) and is reused by
     every call, so a trainer creates one checker and calls it every step. `verify_fn` must be a picklable
-    top-level function; tests pass one that sleeps to exercise the kill path. As with any spawn or
-    forkserver process, each worker imports the main script again: keep its work under
-    `if __name__ == "__main__":`.
+    top-level function; tests pass one that sleeps to exercise the kill path. Workers never import the
+    calling script (see `_main_script_hidden`), so the checker works from stdin, `python -c`, notebooks and
+    scripts without an `if __name__ == "__main__":` guard; only a `verify_fn` defined in the main script
+    makes them import it (it must be found there).
     """
 
     startup_timeout = 120.0  # seconds a fresh worker may take to import math-verify
@@ -254,9 +280,7 @@ class AnswerChecker:
                 if not worker.ready:
                     raise RuntimeError(
                         f"AnswerChecker: a worker process exited during start-up (exit code "
-                        f"{worker.process.exitcode}); see its error output above. A script that creates an "
-                        "AnswerChecker needs the `if __name__ == \"__main__\":` guard, because every worker "
-                        "imports the main script again"
+                        f"{worker.process.exitcode}); see its error output above"
                     ) from None
                 index, gold, answer = worker.task
                 logger.warning("answer checker: worker died (exit code %s) checking answer %s against gold %s; "
@@ -289,7 +313,8 @@ class AnswerChecker:
             process = self._context.Process(
                 target=_answer_worker, args=(child_end, self.verify_fn), name="answer-checker", daemon=True
             )
-            process.start()
+            with _main_script_hidden(getattr(self.verify_fn, "__module__", None) != "__main__"):
+                process.start()
             child_end.close()  # so that our end sees EOF when the worker dies
             self._workers.append(_Worker(process, parent_end))
 

@@ -27,7 +27,8 @@ runs through exactly the code path of the real runs with no downloads.
   improve and to pad.
   `warm_start` caches the result in a folder keyed by seed and configuration.
 - `python toy.py report RUN_DIR...` turns runs' metrics.jsonl into the ablation table and plot;
-  `python toy.py warm-start` builds the cache ahead of time and measures the warm start.
+  `python toy.py warm-start` builds the cache ahead of time and measures the warm start;
+  `python toy.py bench --advantage NAME` times scoring and the update of one saved toy rollout.
 """
 
 from __future__ import annotations
@@ -539,6 +540,46 @@ def plot(runs: list[tuple[Path, dict, list[dict]]], path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------------------
+# Timing one PPO step's scoring and update on a saved rollout
+# -------------------------------------------------------------------------------------------------
+
+
+def bench(advantage: str, rollout_path: Path, repeats: int, cache_dir: Path) -> dict[str, float]:
+    """Median seconds of `ppo.score` and `ppo.train_on_rollout` (rewards, advantages, update, metrics) over
+    `repeats` passes on one toy rollout (preset toy, clip_delta): the phases that a critic adds to.
+
+    The rollout (sampled responses and their grades, no scores) is sampled with seed 0 and saved to
+    `rollout_path` the first time, so every estimator is timed on the same responses.
+    """
+    import ppo
+
+    cfg = ppo.parse_config(["--preset", "toy", "--reward", "clip_delta", "--advantage", advantage,
+                            "--cache-dir", str(cache_dir), "--output-dir", tempfile.mkdtemp(prefix="toy-bench-")])
+    ppo.validate(cfg, world=1)
+    ppo.resolve_local_models(cfg, rank=0)
+    run = ppo.setup(cfg, 0, 1, torch.device("cpu"))
+    if not rollout_path.is_file():
+        with rewards.AnswerChecker(1, cfg.answer_timeout) as checker:
+            run.checker = checker
+            prompts, _ = data.tokenize_prompts(run.tokenizer, problems(cfg.prompts_per_step, seed=0), 64)
+            torch.manual_seed(0)
+            ro = ppo.rollout(cfg, prompts, run)
+        rollout_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v for k, v in ro.items() if k not in ("time", "old_logp", "ref_logp", "values")}, rollout_path)
+    saved = torch.load(rollout_path, weights_only=True)
+    times: dict[str, list[float]] = {"score": [], "update": []}
+    for _ in range(repeats):
+        ro = dict(saved, time={"time/rollout": 0.0, "time/score": 0.0})
+        start = time.perf_counter()
+        ppo.score(cfg, ro, run)
+        scored = time.perf_counter()
+        ppo.train_on_rollout(cfg, 1, ro, run)
+        times["score"].append(scored - start)
+        times["update"].append(time.perf_counter() - scored)
+    return {phase: sorted(t)[len(t) // 2] for phase, t in times.items()}
+
+
+# -------------------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------------------
 
@@ -556,8 +597,18 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     rep.add_argument("--out", type=Path, default=None,
                      help="write the table here and the plot beside it (same name, .png); default: print the table")
+    timing = commands.add_parser("bench", help="median seconds of scoring and the update of one saved toy rollout")
+    timing.add_argument("--advantage", default="gae", help="the --advantage to time (default gae)")
+    timing.add_argument("--rollout", type=Path, default=Path("runs/toy-bench/rollout.pt"),
+                        help="the saved rollout; sampled (seed 0) and saved here when missing")
+    timing.add_argument("--repeats", type=int, default=10, help="passes over the rollout; the median is printed")
+    timing.add_argument("--cache-dir", type=Path, default=models.default_cache_dir())
     args = parser.parse_args(argv)
 
+    if args.command == "bench":
+        seconds = bench(args.advantage, args.rollout, args.repeats, args.cache_dir)
+        print(json.dumps({"advantage": args.advantage, **{f"seconds/{k}": round(v, 4) for k, v in seconds.items()}}))
+        return
     if args.command == "report":
         table = report(args.run_dirs, args.out)
         print(table if args.out is None else f"wrote {args.out}", end="" if args.out is None else "\n")

@@ -8,7 +8,10 @@ truth are left out and listed in NOT_TESTED, so a grader upgrade that fixes them
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -266,15 +269,15 @@ def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
 
 
-def test_hanging_latex_returns_false_in_bounded_time():
-    """math-verify needs its full 5 s on this one; the pool's 2 s kill must come first."""
+def test_hanging_latex_is_killed_counted_and_its_worker_replaced():
+    """math-verify needs its full 5 s on this one; the pool's 2 s kill comes first. Shown by what happened
+    (the worker was SIGKILLed, the timeout counted, a new worker answers), not by how long it took."""
     with AnswerChecker(num_workers=1, timeout=2.0) as pool:
-        assert pool([r"\boxed{1}"], ["1"]) == [True]  # warm: the clock below starts with a ready worker
-        start = time.monotonic()
+        assert pool([r"\boxed{1}"], ["1"]) == [True]
+        first = pool._workers[0].process
         assert pool([r"\boxed{9^{9^{9^{9}}}}"], ["1"]) == [False]
-        elapsed = time.monotonic() - start
-        assert elapsed < 4.5, f"took {elapsed:.1f} s"
         assert pool.timeouts == 1
+        assert first.exitcode == -signal.SIGKILL and first not in [w.process for w in pool._workers]
         assert pool([r"\boxed{2}"], ["2"]) == [True]  # the replacement worker works
 
 
@@ -305,13 +308,14 @@ def test_kill_path_counts_timeouts_and_pool_recovers(caplog):
         assert pool([r"\boxed{1}"], ["1"]) == [True]
         alive_before = live_workers()
         ours = {w.process.pid for w in pool._workers}
-        start = time.monotonic()
+        before = [w.process for w in pool._workers]
         got = pool([r"\boxed{sleep}", r"\boxed{1}", r"\boxed{2}", r"\boxed{sleep}", r"\boxed{x}"],
                    ["1", "1", "3", "sleep", "x"])
-        elapsed = time.monotonic() - start
         assert got == [False, True, False, False, True]
         assert pool.timeouts == 2
-        assert elapsed < 15.0, f"took {elapsed:.1f} s; each sleeping answer would take 60 s unless killed"
+        # each sleeping answer would hold its worker for 60 s: both were SIGKILLed instead
+        killed = [p for p in before if p.exitcode is not None]
+        assert killed and all(p.exitcode == -signal.SIGKILL for p in killed)
         assert sum("timed out" in r.getMessage() for r in caplog.records) == 2
         # the two hung workers were killed and replaced: as many live workers as before, and still working
         assert len(live_workers()) == len(alive_before) and len(pool._workers) == 2
@@ -357,3 +361,22 @@ def test_default_check_is_gold_first():
     # reverse. The wrapper must pass the gold answer first.
     assert rewards.math_verify_equal("x<3", r"(-\infty,3)")
     assert not rewards.math_verify_equal(r"(-\infty,3)", "x<3")
+
+
+CHECK_FROM_A_SCRIPT = """import rewards
+print("top level ran")
+print(rewards.is_correct("\\\\boxed{1/2}", "0.5"), rewards.is_correct("\\\\boxed{2}", "3"))
+"""
+
+
+@pytest.mark.parametrize("how", ["stdin", "unguarded file", "python -c"])
+def test_is_correct_works_from_any_script_and_runs_its_top_level_once(tmp_path, how):
+    script = tmp_path / "check.py"
+    script.write_text(CHECK_FROM_A_SCRIPT)
+    command = {"stdin": [sys.executable, "-"], "unguarded file": [sys.executable, str(script)],
+               "python -c": [sys.executable, "-c", CHECK_FROM_A_SCRIPT]}[how]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run(command, input=CHECK_FROM_A_SCRIPT if how == "stdin" else None, capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["top level ran", "True False"], done.stdout

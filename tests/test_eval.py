@@ -187,6 +187,12 @@ def test_bad_data_is_named_before_the_model_loads(tmp_path):
         evaluation.main(["--model", str(tmp_path), "--data", str(FIXTURES / "bad" / "rows.jsonl")])
 
 
+def test_an_unreachable_hub_model_ends_in_one_line_naming_the_flag(tmp_path):
+    with pytest.raises(SystemExit, match=r"--model: could not load 'nobody/no-such-model'.*--preset tiny"):
+        evaluation.main(["--model", "nobody/no-such-model", "--data", str(FIXTURES / "math500" / "test.jsonl"),
+                         "--output-dir", str(tmp_path)])
+
+
 DATA = f"{FIXTURES / 'math500' / 'test.jsonl'},{FIXTURES / 'local' / 'problems.jsonl'}"
 
 

@@ -179,8 +179,27 @@ def test_keeps_the_last_n_checkpoints_and_exports_a_critic_that_reloads(cache_di
 
 
 def test_an_unreachable_hub_id_names_the_flag_the_id_and_the_local_presets(cache_dir, tmp_path):
-    with pytest.raises(RuntimeError, match=r"(?s)--model: could not load .nobody/no-such-model.*--preset tiny"):
+    with pytest.raises(SystemExit, match=r"--model: could not load .nobody/no-such-model.*--preset tiny"):
         run(cache_dir, tmp_path, "--model", "nobody/no-such-model", "--steps", "1")
+
+
+def test_an_unreachable_hub_dataset_names_the_flag_and_what_to_do(cache_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"--train-data: data source 'gsm8k': could not load openai/gsm8k.*local"):
+        run(cache_dir, tmp_path, "--train-data", "gsm8k", "--steps", "1")
+
+
+def test_a_folder_with_only_pickled_weights_is_refused_in_one_line(cache_dir, tmp_path):
+    """Like peiyi9979/math-shepherd-mistral-7b-prm's main branch: config, tokenizer, pytorch_model.bin."""
+    import shutil
+
+    policy = models.build_tiny(Path(cache_dir) / "tiny")["policy"]
+    pickled = tmp_path / "pickled"
+    shutil.copytree(policy, pickled)
+    torch.save(models.load_model(str(policy)).state_dict(), pickled / "pytorch_model.bin")
+    for weights in pickled.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(SystemExit, match=r"--model: '.*pickled' holds only pickled .bin weights.*revision"):
+        run(cache_dir, tmp_path / "out", "--model", str(pickled), "--steps", "1")
 
 
 def test_sampling_ignores_the_checkpoints_top_k_and_top_p(cache_dir):

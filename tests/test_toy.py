@@ -372,3 +372,20 @@ def test_ci_sized_ppo_run_learns_and_is_deterministic(toy_ci_policy, tmp_path):
         for key in a:
             if not key.startswith(("time/", "throughput/")):
                 assert a[key] == b[key], (a["step"], key)
+
+
+def test_ci_sized_headline_prm_is_farmed_and_clip_delta_is_not(toy_ci_policy, tmp_path):
+    """The paper's claim at CI size, through ppo.py under gae: with raw PRM scores as step rewards the policy
+    pads its solutions with steps (steps per response, last 5 PPO steps vs first 5, grow by >= 1.0; 4.3 -> 8.1
+    here), with Clip-Delta they do not (<= 0.3; 3.8 -> 3.6). Deterministic on one thread."""
+    import ppo
+
+    growth = {}
+    for reward in ("prm", "clip_delta"):
+        out = tmp_path / reward
+        ppo.main(["--preset", "toy", "--model", str(toy_ci_policy), "--reward", reward, "--answer-workers", "1",
+                  "--policy-lr", "1e-4", "--steps", "20", "--log-samples-every", "0", "--output-dir", str(out)])
+        steps = [row["response/steps"] for row in toy.read_run(out)[1]]
+        growth[reward] = sum(steps[-5:]) / 5 - sum(steps[:5]) / 5
+    assert growth["prm"] >= 1.0, growth
+    assert growth["clip_delta"] <= 0.3, growth
