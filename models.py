@@ -35,37 +35,44 @@ def attn_implementation() -> str:
     return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
 
 
-def _hub_error(flag: str, name: str, err: Exception) -> SystemExit:
+REVISION_FLAGS = {"--prm"}  # model flags with a --X-revision companion in ppo.py
+
+
+def _hub_error(flag: str, name: str, err: Exception, revision: str | None = None) -> SystemExit:
     """The one-line exit for a model that cannot be loaded: names the flag, the cause and what to try."""
     folder = Path(name).expanduser()
-    if folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
-        return SystemExit(f"{flag}: '{name}' holds only pickled .bin weights, and we load safetensors only (a "
-                          "pickle can run code): convert the folder to safetensors, or load a hub revision that has "
-                          "them (the hub's conversion bot leaves them on a PR branch such as refs/pr/1)")
+    pickles_only = folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors"))
+    if pickles_only or (not folder.is_dir() and "safetensors" in str(err)):
+        where = f"'{name}'" if folder.is_dir() else f"'{name}' at revision {revision or 'main'}"
+        revision_flag = f"{flag}-revision" if flag in REVISION_FLAGS else "a copy or revision"
+        return SystemExit(f"{flag}: {where} has only pickled .bin weights, and we load safetensors only (a pickle "
+                          f"can run code): pick a hub revision that has them with {revision_flag} (the hub's "
+                          "conversion bot leaves them on a PR branch such as refs/pr/1), or convert them to safetensors")
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return SystemExit(f"{flag}: could not load '{name}' ({type(err).__name__}: {reason}); it is neither a local "
                       "folder nor reachable on the Hugging Face hub. Without hub access, try `--preset tiny` or "
                       "`--preset toy`, which build their models locally")
 
 
-def load_config(name: str, flag: str, trust_remote_code: bool = False):
+def load_config(name: str, flag: str, trust_remote_code: bool = False, revision: str | None = None):
     """A model's config (no weights, no code unless trusted), with the error that names the flag."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
-        raise _hub_error(flag, name, err) from err
+        raise _hub_error(flag, name, err, revision) from err
 
 
-def load_tokenizer(name: str, flag: str = "--model", trust_remote_code: bool = False):
+def load_tokenizer(name: str, flag: str = "--model", trust_remote_code: bool = False, revision: str | None = None):
     """Tokenizer with left padding (prompts are left-padded for generation) and a pad token."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name, padding_side="left", trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name, padding_side="left", trust_remote_code=trust_remote_code,
+                                            revision=revision)
     except (OSError, ValueError) as err:
-        raise _hub_error(flag, name, err) from err
+        raise _hub_error(flag, name, err, revision) from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -79,9 +86,11 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
+    revision: str | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Load `name` (local folder or hub id) with a transformers Auto class, safetensors only, dropout off."""
+    """Load `name` (local folder or hub id, at `revision`: a branch, tag or commit; None is main) with a
+    transformers Auto class, safetensors only, dropout off."""
     import transformers
 
     cls = getattr(transformers, auto_class)
@@ -91,13 +100,14 @@ def load_model(
             dtype=dtype,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            revision=revision,
             attn_implementation=attn_implementation(),
             **kwargs,
         )
     except (OSError, ValueError) as err:
         if "trust_remote_code" in str(err):
             raise SystemExit(f"{flag}: '{name}' needs code from the hub; pass --trust-remote-code if you trust it") from err
-        raise _hub_error(flag, name, err) from err
+        raise _hub_error(flag, name, err, revision) from err
     disable_dropout(model)
     return model.to(device)
 

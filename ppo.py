@@ -36,6 +36,7 @@ import importlib
 import json
 import os
 import random
+import secrets
 import shutil
 import sys
 import time
@@ -73,6 +74,7 @@ class Config:
     model: str = arg("Qwen/Qwen2.5-Math-1.5B-Instruct", "policy (and reference) checkpoint: local folder or hub id")
     critic: str | None = arg(None, "critic checkpoint; default: the policy's backbone with a fresh zero-initialised value head")
     prm: str = arg("peiyi9979/math-shepherd-mistral-7b-prm", "process reward model: hub id or folder, module:function (any callable with the PRM interface), or none")
+    prm_revision: str | None = arg(None, "hub revision of --prm (branch, tag or commit); default: main, or the revision PINNED_PRM_REVISIONS names (Math-Shepherd: refs/pr/5, its safetensors)")
     prm_format: str = arg("auto", "PRM input format: step_tag (Math-Shepherd), token_classifier (Qwen2.5-Math-PRM), or auto: from the PRM's config")
     orm: str = arg("none", "outcome reward model (sequence classifier, sigmoid score) for --reward orm: hub id, folder, or none")
     trust_remote_code: bool = arg(False, "allow model code from the hub (Qwen2.5-Math-PRM needs it); never set by a preset")
@@ -116,6 +118,8 @@ class Config:
     max_grad_norm: float = arg(1.0, "gradient clipping, per model")
     # --- logging and checkpoints ---
     log_samples_every: int = arg(10, "write a few completions with their rewards to samples.jsonl every N steps")
+    wandb_project: str | None = arg(None, "also log the metrics and the config to this wandb project (rank 0; pip install -e '.[log]'; WANDB_MODE=offline works without network)")
+    wandb_entity: str | None = arg(None, "wandb entity (team or user) for --wandb-project; default: your wandb default")
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = arg(2, "how many checkpoints to keep")
     resume: bool = arg(False, "continue from <output-dir>/checkpoints/latest; reads only this run's own folder (torch.distributed.checkpoint unpickles its metadata)")
@@ -143,8 +147,13 @@ PRESETS: dict[str, dict] = {
 # that loads differently (the scores would be silently wrong).
 MATH_SHEPHERD_IDS = {"peiyi9979/math-shepherd-mistral-7b-prm": (648, 387, 12902)}
 
+# Hub PRMs whose main branch has pickled weights only: the revision holding the hub's safetensors conversion,
+# used when --prm-revision is not given (and then written to config.json).
+PINNED_PRM_REVISIONS = {"peiyi9979/math-shepherd-mistral-7b-prm": "refs/pr/5"}
+
 # Fields that may change between a checkpoint and its resumed run; any other difference is a config error.
 RESUMABLE_FIELDS = {"steps", "resume", "save_every", "keep_checkpoints", "log_samples_every", "eval_every",
+                    "wandb_project", "wandb_entity",
                     "eval_size", "eval_data", "answer_workers", "answer_timeout", "cache_dir", "output_dir",
                     "generation_batch_size", "micro_batch_tokens", "gradient_checkpointing"}
 
@@ -160,6 +169,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     args = parser.parse_args(argv)
     # "\n\n" typed on a shell arrives as backslash-n: read the two escapes people type, leave the rest as is.
     args.step_delimiter = args.step_delimiter.replace("\\n", "\n").replace("\\t", "\t")
+    if args.prm_revision is None:
+        args.prm_revision = PINNED_PRM_REVISIONS.get(args.prm)
     return Config(**vars(args))
 
 
@@ -624,16 +635,16 @@ def load_prm(cfg: Config, device: torch.device, dtype: torch.dtype):
             return getattr(importlib.import_module(module_name), function_name)
         except (ImportError, AttributeError) as err:
             raise SystemExit(f"--prm {cfg.prm}: cannot import {function_name} from {module_name} ({err})") from err
-    config = models.load_config(cfg.prm, "--prm")
+    config = models.load_config(cfg.prm, "--prm", revision=cfg.prm_revision)
     remote_code = "AutoModel" in (getattr(config, "auto_map", None) or {})  # e.g. Qwen2.5-Math-PRM's own class
     prm_format = cfg.prm_format
     if prm_format == "auto":
         classifier = remote_code or any(a.endswith(("TokenClassification", "ProcessRewardModel"))
                                         for a in config.architectures or [])
         prm_format = "token_classifier" if classifier else "step_tag"
-    tokenizer = models.load_tokenizer(cfg.prm, "--prm", cfg.trust_remote_code)
+    tokenizer = models.load_tokenizer(cfg.prm, "--prm", cfg.trust_remote_code, revision=cfg.prm_revision)
     if prm_format == "step_tag":
-        model = models.load_model(cfg.prm, flag="--prm", dtype=dtype, device=device)
+        model = models.load_model(cfg.prm, flag="--prm", dtype=dtype, device=device, revision=cfg.prm_revision)
         prm = rewards.StepTagPRM(model.requires_grad_(False), tokenizer)
         expected = MATH_SHEPHERD_IDS.get(cfg.prm)
         if expected and (prm.good_id, prm.bad_id, prm.tag_id) != expected:
@@ -643,7 +654,8 @@ def load_prm(cfg: Config, device: torch.device, dtype: torch.dtype):
     if remote_code and not cfg.trust_remote_code:
         raise SystemExit(f"--prm {cfg.prm} runs model code from the hub; pass --trust-remote-code if you trust it")
     model = models.load_model(cfg.prm, "AutoModel" if remote_code else "AutoModelForTokenClassification",
-                              flag="--prm", dtype=dtype, device=device, trust_remote_code=remote_code)
+                              flag="--prm", dtype=dtype, device=device, trust_remote_code=remote_code,
+                              revision=cfg.prm_revision)
     return rewards.TokenClassifierPRM(model.requires_grad_(False), tokenizer)
 
 
@@ -663,11 +675,12 @@ def warmup_then_constant(optimizer, warmup_steps: int):
 
 
 class RunLog:
-    """metrics.jsonl (one line per step), samples.jsonl, TensorBoard when installed; rank 0 only."""
+    """metrics.jsonl (one line per step), samples.jsonl, TensorBoard when installed, wandb with
+    --wandb-project; rank 0 only."""
 
-    def __init__(self, run: Path, enabled: bool, resumed_step: int):
+    def __init__(self, run: Path, enabled: bool, resumed_step: int, cfg: Config):
         self.enabled, self.run = enabled, run
-        self.tensorboard = None
+        self.tensorboard = self.wandb = None
         if not enabled:
             return
         for name in ("metrics.jsonl", "samples.jsonl"):
@@ -681,6 +694,8 @@ class RunLog:
             self.tensorboard = SummaryWriter(str(run / "tensorboard"))
         except ImportError:
             pass
+        if cfg.wandb_project:
+            self.wandb = start_wandb(run, cfg)
 
     def metrics(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -690,16 +705,34 @@ class RunLog:
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
     def samples(self, step: int, rows: list[dict]) -> None:
         if self.enabled:
             with open(self.run / "samples.jsonl", "a") as f:
                 for row in rows:
                     f.write(json.dumps({"step": step, **row}) + "\n")
+
+
+def start_wandb(run_dir: Path, cfg: Config):
+    """A wandb run named after the output folder, with the config; a resumed run continues the same wandb run
+    (its id is kept in <output-dir>/wandb-run-id)."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit(f"--wandb-project {cfg.wandb_project}: wandb is not installed; pip install -e '.[log]'") from None
+    id_file = run_dir / "wandb-run-id"
+    run_id = id_file.read_text().strip() if cfg.resume and id_file.is_file() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=run_dir.name, id=run_id,
+                      resume="allow", dir=str(run_dir), config=dataclasses.asdict(cfg))
 
 
 @dataclass
@@ -1070,7 +1103,7 @@ def main(argv: list[str] | None = None) -> None:
         for _, scheduler in run.optimizers.values():  # the schedule is a function of the optimiser step count
             scheduler.last_epoch = start * cfg.ppo_epochs * cfg.ppo_minibatches - 1
             scheduler.step()
-    log = RunLog(run_dir, rank == 0, start)
+    log = RunLog(run_dir, rank == 0, start, cfg)
 
     with rewards.AnswerChecker(cfg.answer_workers, cfg.answer_timeout) as checker:
         run.checker = checker

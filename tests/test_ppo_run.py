@@ -198,8 +198,10 @@ def test_a_folder_with_only_pickled_weights_is_refused_in_one_line(cache_dir, tm
     torch.save(models.load_model(str(policy)).state_dict(), pickled / "pytorch_model.bin")
     for weights in pickled.glob("*.safetensors"):
         weights.unlink()
-    with pytest.raises(SystemExit, match=r"--model: '.*pickled' holds only pickled .bin weights.*revision"):
+    with pytest.raises(SystemExit, match=r"--model: '.*pickled' has only pickled .bin weights.*safetensors"):
         run(cache_dir, tmp_path / "out", "--model", str(pickled), "--steps", "1")
+    with pytest.raises(SystemExit, match=r"--prm: '.*pickled' has only pickled .bin weights.*--prm-revision"):
+        run(cache_dir, tmp_path / "out2", "--prm", str(pickled), "--reward", "prm", "--steps", "1")
 
 
 def test_sampling_ignores_the_checkpoints_top_k_and_top_p(cache_dir):
@@ -227,3 +229,65 @@ def test_sampling_ignores_the_checkpoints_top_k_and_top_p(cache_dir):
                 mass_before.append(float(probs[t][higher].sum()))
     assert max(ranks) >= 40, "no sampled token outside the top 40: the checkpoint's top_k leaked into sampling"
     assert max(mass_before) >= 0.7, "no sampled token outside the 0.7 nucleus: top_p leaked into sampling"
+
+
+def test_wandb_logs_the_same_metrics_and_the_config_offline(cache_dir, tmp_path, monkeypatch):
+    """The real library in offline mode (no network): every metrics.jsonl row goes to wandb.log with its step,
+    the run config goes to wandb.config, and the offline run is written under the output folder."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged, runs = [], []
+    real_log = wandb.sdk.wandb_run.Run.log
+
+    def spy(self, data, step=None, **kwargs):
+        logged.append((step, dict(data)))
+        runs.append(self)
+        return real_log(self, data, step=step, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
+    metrics = run(cache_dir, tmp_path, "--steps", "2", "--wandb-project", "prm-ppo-test", "--reward", "delta")
+    assert logged == [(m["step"], {k: v for k, v in m.items() if k != "step"}) for m in metrics]
+    assert runs[0].config["reward"] == "delta" and runs[0].config["wandb_project"] == "prm-ppo-test"
+    assert runs[0].name == tmp_path.name
+    offline = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
+
+
+def test_without_wandb_project_nothing_imports_wandb(cache_dir, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, ppo; ppo.main(['--preset', 'tiny', '--steps', '1', '--answer-workers', '1', '--cache-dir', "
+            f"{cache_dir!r}, '--output-dir', {str(tmp_path)!r}]); print('wandb' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_prm_revision_reaches_every_from_pretrained_of_the_prm_and_config_json(cache_dir, tmp_path, monkeypatch):
+    import transformers
+
+    seen = []
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"):
+        cls = getattr(transformers, name)
+
+        def spy(path, *args, _real=cls.from_pretrained, **kwargs):
+            seen.append((str(path), kwargs.get("revision")))
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    run(cache_dir, tmp_path, "--reward", "prm", "--steps", "1", "--prm-revision", "v1")
+    config = json.loads((tmp_path / "config.json").read_text())
+    prm_loads = [revision for path, revision in seen if path == config["prm"]]
+    assert len(prm_loads) >= 3 and set(prm_loads) == {"v1"}, seen  # config, tokenizer, weights
+    assert config["prm_revision"] == "v1"
+    assert {revision for path, revision in seen if path == config["model"]} == {None}
+
+
+def test_the_math_shepherd_prm_is_pinned_to_its_safetensors_revision():
+    for flags in ([], ["--preset", "qwen2.5-math-1.5b"], ["--preset", "qwen2.5-math-7b"]):
+        assert ppo.parse_config(flags).prm_revision == "refs/pr/5"
+    assert ppo.parse_config(["--prm", "Qwen/Qwen2.5-Math-PRM-7B"]).prm_revision is None
+    assert ppo.parse_config(["--prm-revision", "abc123"]).prm_revision == "abc123"
