@@ -8,6 +8,8 @@ worked solution:
     gsm8k          openai/gsm8k (main)                         question   the number after "####", commas removed
     math           EleutherAI/hendrycks_math (7 subjects)      problem    the last \\boxed{} of `solution`
     math500        HuggingFaceH4/MATH-500 (test split only)    problem    `answer`
+    mathinstruct   TIGER-Lab/MathInstruct (train split only)   instruction  chain-of-thought rows only: the last
+                   (the paper's training questions)                         \\boxed{} or "The answer is X" of `output`
     a local file   .jsonl / .json (a list of rows) / .parquet  configurable field names (default problem / answer)
 
 A value may mix sources: `load_problems("math,gsm8k", "train")`. The hub path and the local path share the
@@ -26,6 +28,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,15 +67,92 @@ SOURCES: dict[str, HubSource] = {
     "gsm8k": HubSource("openai/gsm8k", ("main",), ("train", "test"), "question", "answer", "gsm8k"),
     "math": HubSource("EleutherAI/hendrycks_math", MATH_SUBJECTS, ("train", "test"), "problem", "solution", "boxed"),
     "math500": HubSource("HuggingFaceH4/MATH-500", (None,), ("test",), "problem", "answer", "plain"),
+    # One JSON list, MathInstruct.json; rows pass through `MathInstructFilter` first (see there).
+    "mathinstruct": HubSource("TIGER-Lab/MathInstruct", (None,), ("train",), "instruction", "output", "mathinstruct"),
 }
 
 
 class ProblemList(list):
-    """A plain list of problem rows that also remembers how many bad rows were skipped to build it."""
+    """A plain list of problem rows that also remembers how many bad rows were skipped to build it, and how
+    many rows a source's filter dropped: `dropped[subset][reason]` (MathInstruct only, so far)."""
 
     def __init__(self, rows=()):
         super().__init__(rows)
         self.skipped = 0
+        self.dropped: dict[str, dict[str, int]] = {}
+
+
+class MathInstructFilter:
+    """Keeps MathInstruct's chain-of-thought rows with a readable final answer, once per question.
+
+    What the hub card says, unverified here (no hub access): each row has `instruction`, `output` and `source`,
+    a path such as `data/CoT/gsm_rft.json` or `data/PoT/mathqa.json` that marks chain-of-thought (CoT) and
+    program-of-thought (PoT) subsets. So the code is defensive: a row whose `source` names no CoT/PoT folder
+    is treated as CoT, and the reasons below are counted per subset (the `source` path's file name).
+
+    Dropped, by reason: "program of thought" (the output is code, not a worked answer); "no final answer"
+    (no \\boxed{} and no "The answer is ..." sentence); "unresolved choice" (the answer is a letter (A)-(E)
+    that the question's "Answer Choices" do not resolve: a letter is replaced by its option's text, because
+    the policy is asked for a value, not a letter); "duplicate question" (the same instruction seen before).
+    """
+
+    ANSWER_SENTENCE = re.compile(r"[Tt]he (?:final )?answer is[:\s]*(.+)")
+    LETTER = re.compile(r"\(?([A-E])\)?\.?")
+
+    def __init__(self):
+        self.seen: set[str] = set()
+        self.kept: dict[str, int] = {}
+        self.dropped: dict[str, dict[str, int]] = {}
+
+    def keep(self, row) -> dict | None:
+        """The row with its gold answer in `answer`, or None (and the reason counted)."""
+        if not isinstance(row, dict):
+            return row  # parse_row reports it as a bad row
+        path = str(row.get("source") or "")
+        subset = Path(path).stem or "unknown"
+        answer, reason = self.answer(row)
+        question = str(row.get("instruction") or "").strip()
+        if reason is None and question in self.seen:
+            reason = "duplicate question"
+        if reason is not None:
+            self.dropped.setdefault(subset, {}).setdefault(reason, 0)
+            self.dropped[subset][reason] += 1
+            return None
+        self.seen.add(question)
+        self.kept[subset] = self.kept.get(subset, 0) + 1
+        return {**row, "answer": answer}
+
+    def answer(self, row: dict) -> tuple[str | None, str | None]:
+        """(gold answer, None) or (None, reason)."""
+        if "/PoT/" in "/" + str(row.get("source") or ""):
+            return None, "program of thought"
+        output = str(row.get("output") or "")
+        answer = extract_boxed(output)
+        if not answer:
+            sentences = self.ANSWER_SENTENCE.findall(output)
+            answer = sentences[-1].strip().rstrip(".").strip().strip("$").strip() if sentences else None
+        if not answer:
+            return None, "no final answer"
+        letter = self.LETTER.fullmatch(answer)
+        if letter:
+            choices = re.search(rf"\({letter.group(1)}\)\s*(.+?)\s*(?=\([A-E]\)|$)",
+                                str(row.get("instruction") or "").split("Answer Choices", 1)[-1], re.S)
+            if "Answer Choices" not in str(row.get("instruction") or "") or not choices:
+                return None, "unresolved choice"
+            answer = choices.group(1).strip()
+        return answer, None
+
+    def log(self, problems: ProblemList) -> None:
+        """Log what was dropped, by subset and reason; warn for a subset that lost more than half its rows."""
+        problems.dropped = self.dropped
+        for subset in sorted(set(self.kept) | set(self.dropped)):
+            lost = sum(self.dropped.get(subset, {}).values())
+            total = lost + self.kept.get(subset, 0)
+            if lost:
+                reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped[subset].items()))
+                level = logging.WARNING if lost * 2 > total else logging.INFO
+                logger.log(level, "mathinstruct subset %s: dropped %d of %d rows (%s)%s", subset, lost, total,
+                           reasons, "; more than half" if level == logging.WARNING else "")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -120,7 +200,12 @@ def load_problems(
         else:
             rows = _local_rows(Path(name), problem_field, answer_field)
         skipped_here, loaded_here, first_bad = 0, 0, None
+        mathinstruct = MathInstructFilter() if name in SOURCES and SOURCES[name].answer_style == "mathinstruct" else None
         for where, row, fields in rows:
+            if mathinstruct is not None:
+                row, fields = mathinstruct.keep(row), (fields[0], "answer", "plain")
+                if row is None:
+                    continue
             try:
                 problems.append(parse_row(row, *fields, source=name))
                 loaded_here += 1
@@ -129,6 +214,8 @@ def load_problems(
                     raise ValueError(f"{where}: {err} (pass skip_bad_rows / --skip-bad-rows to skip such rows)") from None
                 skipped_here += 1
                 first_bad = first_bad or f"{where}: {err}"
+        if mathinstruct is not None:
+            mathinstruct.log(problems)
         if skipped_here:
             logger.warning("data source '%s': skipped %d bad rows without a problem or a gold answer; the first: %s",
                            name, skipped_here, first_bad)
@@ -352,3 +439,19 @@ class PromptSampler:
                                  f"{key} {state[key]!r}, this run has {mine[key]!r} (different data or seed)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
+
+
+if __name__ == "__main__":
+    # python data.py SOURCE [SPLIT]: how many problems a source gives, and what its filter dropped, by reason
+    # and subset (e.g. `python data.py mathinstruct` for the paper's training set).
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        loaded = load_problems(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "train")
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise SystemExit(f"data.py: {err}") from None
+    print(f"{sys.argv[1]}: {len(loaded)} problems, {loaded.skipped} bad rows skipped")
+    for subset, reasons in sorted(loaded.dropped.items()):
+        for reason, count in sorted(reasons.items()):
+            print(f"  dropped  {subset:<24} {reason:<20} {count}")

@@ -80,7 +80,7 @@ class Config:
     trust_remote_code: bool = arg(False, "allow model code from the hub (Qwen2.5-Math-PRM needs it); never set by a preset")
     gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass of policy and critic (less memory, ~30%% slower)")
     # --- data ---
-    train_data: str = arg("math", "training problems: named sources (math, gsm8k, math500), local .jsonl/.json/.parquet, comma-separated")
+    train_data: str = arg("mathinstruct", "training problems: named sources (mathinstruct: the paper's, math, gsm8k, math500), local .jsonl/.json/.parquet, comma-separated")
     eval_data: str | None = arg(None, "evaluation problems for --eval-every (same syntax as --train-data)")
     eval_every: int = arg(0, "evaluate greedy accuracy every N steps on --eval-size problems of --eval-data (0: never)")
     eval_size: int = arg(128, "how many --eval-data problems (a fixed subset) --eval-every uses")

@@ -257,3 +257,46 @@ def test_tiny_problems_are_deterministic_and_correct():
     for p in problems:
         a, op, b = p["problem"].removeprefix("What is ").removesuffix("?").split()
         assert int(p["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+
+
+# -------------------------------------------------------------------------------------------------
+# MathInstruct: chain-of-thought rows with a readable final answer, once per question
+# -------------------------------------------------------------------------------------------------
+
+
+def test_mathinstruct_keeps_cot_rows_with_a_final_answer_and_counts_the_rest(local_hub, caplog):
+    local_hub("mathinstruct", FIXTURES / "mathinstruct")
+    raw = json.loads((FIXTURES / "mathinstruct" / "MathInstruct.json").read_text())
+    with caplog.at_level(logging.INFO, logger="data"):
+        train = data.load_problems("mathinstruct", "train")
+    # rows 0, 1, 2, 8, 10 (by hand): a box, "The answer is 5", a choice letter resolved to its option's text,
+    # "The answer is: 7.", and "The answer is $\frac{1}{2}$" with its dollar signs dropped.
+    assert [p["problem"] for p in train] == [raw[i]["instruction"] for i in (0, 1, 2, 8, 10)]
+    assert [p["answer"] for p in train] == ["\\frac{5}{6}", "5", "12 km", "7", "\\frac{1}{2}"]
+    assert {p["source"] for p in train} == {"mathinstruct"}
+    assert train.dropped == {"aqua_rat": {"unresolved choice": 1}, "mathqa": {"program of thought": 1},
+                             "gsm_gpt4": {"program of thought": 1}, "gsm_rft": {"duplicate question": 1},
+                             "number_comparison": {"no final answer": 1}, "college_math": {"no final answer": 1}}
+    warned = sorted(r.getMessage().split()[2].rstrip(":") for r in caplog.records if r.levelno == logging.WARNING)
+    assert warned == ["college_math", "gsm_gpt4", "mathqa"]  # each lost all of its (one) rows
+    with pytest.raises(ValueError, match="no split 'test'"):
+        data.load_problems("mathinstruct", "test")
+
+
+def test_ppo_trains_on_mathinstruct_through_the_hub_loader(local_hub, tmp_path):
+    import ppo
+
+    local_hub("mathinstruct", FIXTURES / "mathinstruct")
+    ppo.main(["--preset", "tiny", "--train-data", "mathinstruct", "--steps", "1", "--answer-workers", "1",
+              "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "run")])
+    first = json.loads((tmp_path / "run" / "samples.jsonl").read_text().splitlines()[0])
+    kept = {p["problem"] for p in data.load_problems("mathinstruct", "train")}
+    assert first["problem"] in kept
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_data"] == "mathinstruct"
+
+
+def test_the_paper_presets_train_on_mathinstruct():
+    import ppo
+
+    for flags in ([], ["--preset", "qwen2.5-math-1.5b"], ["--preset", "qwen2.5-math-7b"]):
+        assert ppo.parse_config(flags).train_data == "mathinstruct"
