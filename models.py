@@ -49,6 +49,9 @@ def _hub_error(flag: str, name: str, err: Exception, revision: str | None = None
                           f"can run code): pick a hub revision that has them with {revision_flag} (the hub's "
                           "conversion bot leaves them on a PR branch such as refs/pr/1), or convert them to safetensors")
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if folder.is_dir():
+        return SystemExit(f"{flag}: could not load the local folder '{name}' ({type(err).__name__}: {reason}); it "
+                          "needs what from_pretrained reads (config.json, safetensors weights, tokenizer files)")
     return SystemExit(f"{flag}: could not load '{name}' ({type(err).__name__}: {reason}); it is neither a local "
                       "folder nor reachable on the Hugging Face hub. Without hub access, try `--preset tiny` or "
                       "`--preset toy`, which build their models locally")

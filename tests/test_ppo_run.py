@@ -183,6 +183,12 @@ def test_an_unreachable_hub_id_names_the_flag_the_id_and_the_local_presets(cache
         run(cache_dir, tmp_path, "--model", "nobody/no-such-model", "--steps", "1")
 
 
+def test_a_local_folder_that_is_not_a_model_names_the_flag_and_what_it_needs(cache_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"--model: could not load the local folder .*empty.*config.json"):
+        run(cache_dir, tmp_path / "out", "--model", str(tmp_path / "empty"), "--steps", "1")
+
+
 def test_an_unreachable_hub_dataset_names_the_flag_and_what_to_do(cache_dir, tmp_path):
     with pytest.raises(SystemExit, match=r"--train-data: data source 'gsm8k': could not load openai/gsm8k.*local"):
         run(cache_dir, tmp_path, "--train-data", "gsm8k", "--steps", "1")
