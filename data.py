@@ -88,7 +88,7 @@ class MathInstructFilter:
     What the hub card says, unverified here (no hub access): each row has `instruction`, `output` and `source`,
     a path such as `data/CoT/gsm_rft.json` or `data/PoT/mathqa.json` that marks chain-of-thought (CoT) and
     program-of-thought (PoT) subsets. So the code is defensive: a row whose `source` names no CoT/PoT folder
-    is treated as CoT, and the reasons below are counted per subset (the `source` path's file name).
+    is treated as CoT, and the reasons below are counted per subset (`CoT/gsm_rft` for that path).
 
     Dropped, by reason: "program of thought" (the output is code, not a worked answer); "no final answer"
     (no \\boxed{} and no "The answer is ..." sentence); "unresolved choice" (the answer is a letter (A)-(E)
@@ -97,7 +97,8 @@ class MathInstructFilter:
     """
 
     ANSWER_SENTENCE = re.compile(r"[Tt]he (?:final )?answer is[:\s]*(.+)")
-    LETTER = re.compile(r"\(?([A-E])\)?\.?")
+    # "(B)", "B", "B)", "B:", "Option B", each perhaps followed by the option's text ("(B) 12 km")
+    LETTER = re.compile(r"(?:[Oo]ption\s+)?(?:\(([A-E])\)|([A-E])(?:\)|[.:]|$))\s*(.*)", re.S)
 
     def __init__(self):
         self.seen: set[str] = set()
@@ -108,8 +109,8 @@ class MathInstructFilter:
         """The row with its gold answer in `answer`, or None (and the reason counted)."""
         if not isinstance(row, dict):
             return row  # parse_row reports it as a bad row
-        path = str(row.get("source") or "")
-        subset = Path(path).stem or "unknown"
+        path = Path(str(row.get("source") or ""))
+        subset = f"{path.parent.name}/{path.stem}" if path.stem else "unknown"  # e.g. CoT/gsm_rft
         answer, reason = self.answer(row)
         question = str(row.get("instruction") or "").strip()
         if reason is None and question in self.seen:
@@ -133,13 +134,14 @@ class MathInstructFilter:
             answer = sentences[-1].strip().rstrip(".").strip().strip("$").strip() if sentences else None
         if not answer:
             return None, "no final answer"
-        letter = self.LETTER.fullmatch(answer)
-        if letter:
-            choices = re.search(rf"\({letter.group(1)}\)\s*(.+?)\s*(?=\([A-E]\)|$)",
-                                str(row.get("instruction") or "").split("Answer Choices", 1)[-1], re.S)
-            if "Answer Choices" not in str(row.get("instruction") or "") or not choices:
+        choice = self.LETTER.fullmatch(answer)
+        if choice:
+            letter, answer = choice.group(1) or choice.group(2), choice.group(3).strip()
+            instruction = str(row.get("instruction") or "")
+            options = re.search(rf"\({letter}\)\s*(.+?)\s*(?=\([A-E]\)|\n|$)", instruction.split("Answer Choices", 1)[-1])
+            if not answer and ("Answer Choices" not in instruction or not options):
                 return None, "unresolved choice"
-            answer = choices.group(1).strip()
+            answer = answer or options.group(1).strip()
         return answer, None
 
     def log(self, problems: ProblemList) -> None:

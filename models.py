@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -41,18 +42,20 @@ REVISION_FLAGS = {"--prm"}  # model flags with a --X-revision companion in ppo.p
 def _hub_error(flag: str, name: str, err: Exception, revision: str | None = None) -> SystemExit:
     """The one-line exit for a model that cannot be loaded: names the flag, the cause and what to try."""
     folder = Path(name).expanduser()
-    pickles_only = folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors"))
-    if pickles_only or (not folder.is_dir() and "safetensors" in str(err)):
-        where = f"'{name}'" if folder.is_dir() else f"'{name}' at revision {revision or 'main'}"
-        revision_flag = f"{flag}-revision" if flag in REVISION_FLAGS else "a copy or revision"
-        return SystemExit(f"{flag}: {where} has only pickled .bin weights, and we load safetensors only (a pickle "
-                          f"can run code): pick a hub revision that has them with {revision_flag} (the hub's "
-                          "conversion bot leaves them on a PR branch such as refs/pr/1), or convert them to safetensors")
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if folder.is_dir():
+        if any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
+            return SystemExit(f"{flag}: '{name}' has only pickled .bin weights, and we load safetensors only (a "
+                              "pickle can run code): convert the folder's weights to safetensors")
         return SystemExit(f"{flag}: could not load the local folder '{name}' ({type(err).__name__}: {reason}); it "
                           "needs what from_pretrained reads (config.json, safetensors weights, tokenizer files)")
-    return SystemExit(f"{flag}: could not load '{name}' ({type(err).__name__}: {reason}); it is neither a local "
+    at = f" at revision {revision}" if revision else ""
+    if re.search(r"(no file named|does not appear to have a file named) \S*\.safetensors", str(err)):
+        revision_flag = f"{flag}-revision" if flag in REVISION_FLAGS else "another revision"
+        return SystemExit(f"{flag}: '{name}'{at} has no safetensors weights, and we never load pickles (they can run "
+                          f"code): try {revision_flag} with a branch that has them (the hub's conversion bot leaves "
+                          "them on a PR branch such as refs/pr/1)")
+    return SystemExit(f"{flag}: could not load '{name}'{at} ({type(err).__name__}: {reason}); it is neither a local "
                       "folder nor reachable on the Hugging Face hub. Without hub access, try `--preset tiny` or "
                       "`--preset toy`, which build their models locally")
 

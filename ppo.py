@@ -551,6 +551,8 @@ def check_resumable(cfg: Config, world: int) -> None:
     """A checkpoint continues only the configuration (as given on the command line) and world size it came from."""
     folder, state = latest_checkpoint(Path(cfg.output_dir))
     saved, current = state["config"], dataclasses.asdict(cfg)
+    # A field the checkpoint predates had its value of then: gae, and the PRM's revision as pinned today.
+    saved = {**{"advantage": "gae", "prm_revision": PINNED_PRM_REVISIONS.get(saved.get("prm"))}, **saved}
     diff = [k for k in current if k not in RESUMABLE_FIELDS and saved.get(k) != current[k]]
     if diff:
         raise SystemExit(f"--resume: checkpoint {folder} was written with a different config: " +
@@ -731,8 +733,10 @@ def start_wandb(run_dir: Path, cfg: Config):
     id_file = run_dir / "wandb-run-id"
     run_id = id_file.read_text().strip() if cfg.resume and id_file.is_file() else secrets.token_hex(4)
     id_file.write_text(run_id)
-    return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=run_dir.name, id=run_id,
-                      resume="allow", dir=str(run_dir), config=dataclasses.asdict(cfg))
+    wandb_run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=run_dir.name, id=run_id,
+                           resume="allow", dir=str(run_dir))
+    wandb_run.config.update(dataclasses.asdict(cfg), allow_val_change=True)  # resumable fields may change
+    return wandb_run
 
 
 @dataclass
@@ -1105,7 +1109,7 @@ def main(argv: list[str] | None = None) -> None:
             scheduler.step()
     log = RunLog(run_dir, rank == 0, start, cfg)
 
-    with rewards.AnswerChecker(cfg.answer_workers, cfg.answer_timeout) as checker:
+    with rewards.AnswerChecker(cfg.answer_workers, cfg.answer_timeout) as checker, contextlib.closing(log):
         run.checker = checker
         bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0, desc="ppo")
         for step in bar:
@@ -1124,7 +1128,6 @@ def main(argv: list[str] | None = None) -> None:
                             steps=f"{metrics['response/steps']:.1f}", kl=f"{metrics['policy/ref_kl']:.3f}")
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 save_checkpoint(run_dir, run, sampler, requested, step=step, keep=cfg.keep_checkpoints)
-    log.close()
     for name, (model, _) in run.trained().items():  # the critic only under gae: what --critic loads
         models.export_hf(model, run.tokenizer, run_dir / name, rank)
     if rank == 0:

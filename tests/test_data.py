@@ -274,11 +274,25 @@ def test_mathinstruct_keeps_cot_rows_with_a_final_answer_and_counts_the_rest(loc
     assert [p["problem"] for p in train] == [raw[i]["instruction"] for i in (0, 1, 2, 8, 10)]
     assert [p["answer"] for p in train] == ["\\frac{5}{6}", "5", "12 km", "7", "\\frac{1}{2}"]
     assert {p["source"] for p in train} == {"mathinstruct"}
-    assert train.dropped == {"aqua_rat": {"unresolved choice": 1}, "mathqa": {"program of thought": 1},
-                             "gsm_gpt4": {"program of thought": 1}, "gsm_rft": {"duplicate question": 1},
-                             "number_comparison": {"no final answer": 1}, "college_math": {"no final answer": 1}}
+    assert train.dropped == {"CoT/aqua_rat": {"unresolved choice": 1}, "PoT/mathqa": {"program of thought": 1},
+                             "PoT/gsm_gpt4": {"program of thought": 1}, "CoT/gsm_rft": {"duplicate question": 1},
+                             "CoT/number_comparison": {"no final answer": 1},
+                             "CoT/college_math": {"no final answer": 1}}
     warned = sorted(r.getMessage().split()[2].rstrip(":") for r in caplog.records if r.levelno == logging.WARNING)
-    assert warned == ["college_math", "gsm_gpt4", "mathqa"]  # each lost all of its (one) rows
+    assert warned == ["CoT/college_math", "PoT/gsm_gpt4", "PoT/mathqa"]  # each lost all of its (one) rows
+
+
+@pytest.mark.parametrize("output,answer", [
+    ("so 60 / 5 = 12.\nThe answer is (B).", "12 km"),   # a letter: its option's text
+    ("The answer is B", "12 km"), ("The answer is Option C", "14 km"),
+    ("The answer is: (B) 12", "12"), ("The answer is C) 14.", "14"),  # letter and value: the value
+    ("The answer is E", "18"),  # the last option ends at the line's end, not in the next line
+    ("The answer is 5.", "5"), ("The answer is A 5-digit number", "A 5-digit number"),  # not a choice letter
+])
+def test_mathinstruct_reads_final_answers_and_choice_letters(output, answer):
+    question = "A car drives 60 km in 5 hours. How far in one?\nAnswer Choices: (A) 10 km (B) 12 km (C) 14 km (D) 16 (E) 18\nThink."
+    row = {"source": "data/CoT/aqua_rat.json", "instruction": question, "output": output}
+    assert data.MathInstructFilter().answer(row) == (answer, None)
     with pytest.raises(ValueError, match="no split 'test'"):
         data.load_problems("mathinstruct", "test")
 

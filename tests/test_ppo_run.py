@@ -83,6 +83,18 @@ def test_a_critic_free_run_never_builds_or_calls_a_critic(cache_dir, tmp_path, m
     assert 0.0 <= metrics[0]["advantage/equal_outcome_groups"] <= 1.0
 
 
+def test_a_checkpoint_from_before_advantage_and_prm_revision_resumes_as_gae(cache_dir, tmp_path):
+    run(cache_dir, tmp_path, "--steps", "1", "--reward", "delta")
+    state_path = tmp_path / "checkpoints" / "step_1" / "state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("advantage", "prm_revision"):  # what a checkpoint written before these flags lacks
+        del state["config"][key]
+    state_path.write_text(json.dumps(state))
+    assert [m["step"] for m in run(cache_dir, tmp_path, "--steps", "2", "--reward", "delta", "--resume")] == [1, 2]
+    with pytest.raises(SystemExit, match="--advantage 'gae' \\(now 'grpo'\\)"):
+        run(cache_dir, tmp_path, "--steps", "3", "--reward", "delta", "--advantage", "grpo", "--resume")
+
+
 def test_resume_refuses_a_checkpoint_from_another_config(cache_dir, tmp_path):
     run(cache_dir, tmp_path, "--steps", "1", "--reward", "delta")
     with pytest.raises(SystemExit, match="--beta"):
@@ -206,8 +218,19 @@ def test_a_folder_with_only_pickled_weights_is_refused_in_one_line(cache_dir, tm
         weights.unlink()
     with pytest.raises(SystemExit, match=r"--model: '.*pickled' has only pickled .bin weights.*safetensors"):
         run(cache_dir, tmp_path / "out", "--model", str(pickled), "--steps", "1")
-    with pytest.raises(SystemExit, match=r"--prm: '.*pickled' has only pickled .bin weights.*--prm-revision"):
+    with pytest.raises(SystemExit, match=r"--prm: '.*pickled' has only pickled .bin weights"):
         run(cache_dir, tmp_path / "out2", "--prm", str(pickled), "--reward", "prm", "--steps", "1")
+
+
+@pytest.mark.parametrize("message", [  # what transformers says of a hub repo without safetensors (two phrasings)
+    "peiyi9979/math-shepherd-mistral-7b-prm does not appear to have a file named model.safetensors. Checkout ...",
+    "Error no file named model.safetensors found in directory /cache/models--peiyi9979--math-shepherd/snapshots/x",
+])
+def test_a_hub_model_without_safetensors_names_the_revision_and_the_flag_to_try(message):
+    err = models._hub_error("--prm", "peiyi9979/math-shepherd-mistral-7b-prm", OSError(message), "main")
+    assert "at revision main has no safetensors weights" in str(err) and "try --prm-revision" in str(err)
+    err = models._hub_error("--model", "someone/model", OSError(message), None)
+    assert "never load pickles" in str(err) and "--model-revision" not in str(err)
 
 
 def test_sampling_ignores_the_checkpoints_top_k_and_top_p(cache_dir):
