@@ -219,6 +219,7 @@ class AnswerChecker:
                 "because it runs in worker processes"
             ) from err
         self.timeouts = 0
+        self._startup_kills = 0  # workers killed by a signal before they were ready (replaced, up to a bound)
         self._context = _worker_context()
         self._workers: list[_Worker] = []
         self._closed = False
@@ -278,9 +279,18 @@ class AnswerChecker:
             except EOFError:  # the process died: crashed, or was killed by the OS (out of memory)
                 worker.process.join(timeout=1.0)
                 if not worker.ready:
+                    # Killed by a signal while importing (the OS, a user): start another, a few times at most.
+                    # An exit code >= 0 is the worker's own error (e.g. an import failing): report it.
+                    exitcode = worker.process.exitcode
+                    if exitcode is not None and exitcode < 0 and self._startup_kills < 3 * self.num_workers:
+                        self._startup_kills += 1
+                        logger.warning("answer checker: a starting worker was killed (signal %d); starting another",
+                                       -exitcode)
+                        self._discard(worker)
+                        continue
                     raise RuntimeError(
-                        f"AnswerChecker: a worker process exited during start-up (exit code "
-                        f"{worker.process.exitcode}); see its error output above"
+                        f"AnswerChecker: a worker process exited during start-up (exit code {exitcode}); see its "
+                        "error output above"
                     ) from None
                 index, gold, answer = worker.task
                 logger.warning("answer checker: worker died (exit code %s) checking answer %s against gold %s; "

@@ -331,6 +331,18 @@ def test_kill_path_counts_timeouts_and_pool_recovers(caplog):
         pool([r"\boxed{1}"], ["1"])
 
 
+def test_a_worker_killed_before_its_first_answer_is_replaced():
+    """A worker killed by a signal (the OS under memory pressure, say) before the pool has seen it ready is
+    replaced, whether it died while importing or just after saying "ready": never fatal, no answer lost."""
+    with AnswerChecker(num_workers=1, timeout=30.0) as pool:
+        starting = pool._workers[0]
+        assert not starting.ready  # the pool has not heard from it yet
+        os.kill(starting.process.pid, signal.SIGKILL)
+        starting.process.join()
+        assert pool([r"\boxed{1}", r"\boxed{2}"], ["1", "3"]) == [True, False]
+        assert starting.process.exitcode == -signal.SIGKILL and starting not in pool._workers
+
+
 def test_crashing_and_raising_checks_count_as_incorrect(caplog):
     with AnswerChecker(num_workers=1, timeout=5.0, verify_fn=crashing_equal) as pool:
         assert pool([r"\boxed{crash}", r"\boxed{1}"], ["crash", "1"]) == [False, True]
