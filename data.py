@@ -105,6 +105,15 @@ class MathInstructFilter:
         self.kept: dict[str, int] = {}
         self.dropped: dict[str, dict[str, int]] = {}
 
+    def rows(self, rows, problems: ProblemList):
+        """The kept rows of a stream of (where, row, parser fields), each with its gold in `answer`; when the
+        stream ends, what was dropped is logged and kept in `problems.dropped`."""
+        for where, row, fields in rows:
+            kept = self.keep(row)
+            if kept is not None:
+                yield where, kept, (fields[0], "answer", "plain")
+        self.log(problems)
+
     def keep(self, row) -> dict | None:
         """The row with its gold answer in `answer`, or None (and the reason counted)."""
         if not isinstance(row, dict):
@@ -199,15 +208,12 @@ def load_problems(
     for name in names:
         if name in SOURCES:
             rows = _hub_rows(name, SOURCES[name], split)
+            if SOURCES[name].answer_style == "mathinstruct":
+                rows = MathInstructFilter().rows(rows, problems)
         else:
             rows = _local_rows(Path(name), problem_field, answer_field)
         skipped_here, loaded_here, first_bad = 0, 0, None
-        mathinstruct = MathInstructFilter() if name in SOURCES and SOURCES[name].answer_style == "mathinstruct" else None
         for where, row, fields in rows:
-            if mathinstruct is not None:
-                row, fields = mathinstruct.keep(row), (fields[0], "answer", "plain")
-                if row is None:
-                    continue
             try:
                 problems.append(parse_row(row, *fields, source=name))
                 loaded_here += 1
@@ -216,8 +222,6 @@ def load_problems(
                     raise ValueError(f"{where}: {err} (pass skip_bad_rows / --skip-bad-rows to skip such rows)") from None
                 skipped_here += 1
                 first_bad = first_bad or f"{where}: {err}"
-        if mathinstruct is not None:
-            mathinstruct.log(problems)
         if skipped_here:
             logger.warning("data source '%s': skipped %d bad rows without a problem or a gold answer; the first: %s",
                            name, skipped_here, first_bad)

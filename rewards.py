@@ -144,26 +144,23 @@ def _worker_context():
 
 
 @contextlib.contextmanager
-def _main_script_hidden(hide: bool):
+def _main_script_hidden():
     """While a worker starts, make the main module look like an interactive session's (no file, no spec).
 
     multiprocessing re-imports the main script in every spawn or forkserver child so that objects pickled
     from it can be found. Our workers need nothing from it, and importing it breaks in the cases people
     use a grading function from: a script on stdin (`<stdin>` cannot be imported), `python -c`, a notebook,
-    or an unguarded script (its top level would run again in every worker). Not hidden when `hide` is
-    False: a `verify_fn` defined in the main script must be found there.
+    or an unguarded script (its top level would run again in every worker).
     """
     main = sys.modules["__main__"]
     saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if key in main.__dict__}
-    if hide:
-        main.__dict__.pop("__file__", None)
-        main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
     try:
         yield
     finally:
-        if hide:
-            main.__dict__.pop("__spec__", None)
-            main.__dict__.update(saved)
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 @dataclass
@@ -323,7 +320,9 @@ class AnswerChecker:
             process = self._context.Process(
                 target=_answer_worker, args=(child_end, self.verify_fn), name="answer-checker", daemon=True
             )
-            with _main_script_hidden(getattr(self.verify_fn, "__module__", None) != "__main__"):
+            # A verify_fn defined in the main script must be found there: then the workers import it.
+            in_main = getattr(self.verify_fn, "__module__", None) == "__main__"
+            with contextlib.nullcontext() if in_main else _main_script_hidden():
                 process.start()
             child_end.close()  # so that our end sees EOF when the worker dies
             self._workers.append(_Worker(process, parent_end))

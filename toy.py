@@ -458,7 +458,7 @@ FAIL_SUCCESS_DROP = 0.1  # a run "fails" when its end success is this far below 
 FAIL_STEPS_GROWTH = 1.0  # ... or its steps per response grow by more than this from start to end
 
 
-def verdict(config: dict, rows: list[dict], reference: list[dict] | None) -> str:
+def verdict(rows: list[dict], reference: list[dict] | None) -> str:
     """"fails: ..." / "holds" against the `success` run of the same estimator (`reference`), "-" without one."""
     steps_start, steps_end = window_means(rows, "response/steps")
     reasons = [f"steps +{steps_end - steps_start:.1f}"] if steps_end - steps_start > FAIL_STEPS_GROWTH else []
@@ -492,7 +492,7 @@ def report(run_dirs: list[Path], out: Path | None) -> str:
             digits = 1 if key in ("response/steps", "response/length") else 2
             cells.append(f"{start:.{digits}f} -> {end:.{digits}f}")
         reference = None if config["reward"] == "success" else success_rows.get(config["advantage"])
-        cells.append(verdict(config, rows, reference))
+        cells.append(verdict(rows, reference))
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     if out is None:
