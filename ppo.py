@@ -24,6 +24,7 @@ Run:
     python ppo.py --preset tiny --reward clip_delta --steps 2          # CPU smoke test, seconds
     python ppo.py --preset toy --reward prm                            # the CPU toy world (toy.py)
     python ppo.py --preset toy --reward clip_delta --advantage grpo    # the same without a critic
+    python ppo.py --preset toy-hard --reward clip_delta                # the harder toy world: success is rare
     torchrun --nproc_per_node 8 ppo.py --reward delta                  # the paper's 1.5B run
     python ppo.py --help                                               # every field, with its default
 """
@@ -65,7 +66,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 @dataclass
 class Config:
     # --- run ---
-    preset: str | None = arg(None, "named defaults: qwen2.5-math-1.5b, qwen2.5-math-7b, tiny, toy; explicit flags override")
+    preset: str | None = arg(None, "named defaults: qwen2.5-math-1.5b, qwen2.5-math-7b, tiny, toy, toy-hard; explicit flags override")
     output_dir: str = arg("runs/ppo", "everything a run writes: metrics.jsonl, samples.jsonl, checkpoints, the final policy")
     steps: int = arg(200, "PPO steps (one rollout and one update each)")
     seed: int = arg(0, "seed for data order (same on all ranks) and sampling (offset by rank)")
@@ -142,6 +143,10 @@ PRESETS: dict[str, dict] = {
                 policy_lr=3e-5, critic_lr=1e-4, warmup_steps=0, beta=0.02, alpha=1.0, eta=0.5, steps=120,
                 micro_batch_tokens=4096, gradient_checkpointing=False, log_samples_every=10, output_dir="runs/toy", max_prompt_tokens=64),
 }
+# The harder toy world: 4-6 operations per problem and a warm start that succeeds about 0.3 of the time when
+# sampling (toy.HARD_CONFIG), so that the success reward alone is rare and dense step credit can matter.
+PRESETS["toy-hard"] = dict(PRESETS["toy"], model="toy-hard", train_data="toy-hard", eval_data="toy-hard",
+                           max_new_tokens=128, output_dir="runs/toy-hard")
 
 # (good, bad, tag) token ids of the Math-Shepherd PRM as its model card reads them: a guard against a tokenizer
 # that loads differently (the scores would be silently wrong).
@@ -595,8 +600,12 @@ def world_size() -> int:
 # -------------------------------------------------------------------------------------------------
 
 
+TOY_WORLDS = ("toy", "toy-hard")  # the names of toy.WORLDS, so that toy.py is imported only when one is used
+
+
 def resolve_local_models(cfg: Config, rank: int) -> None:
-    """The `tiny` and `toy` presets name models that are built here (rank 0 first; later ranks reuse them)."""
+    """The `tiny`, `toy` and `toy-hard` presets name models that are built here (rank 0 first; later ranks reuse
+    them)."""
     for turn in range(2):
         if (turn == 0) == (rank == 0):
             if cfg.model == "tiny":
@@ -606,20 +615,21 @@ def resolve_local_models(cfg: Config, rank: int) -> None:
                     cfg.prm = str(paths["token_classifier_prm" if cfg.prm_format == "token_classifier" else "step_tag_prm"])
                 if cfg.orm == "tiny":
                     cfg.orm = str(paths["orm"])
-            elif cfg.model == "toy":
+            elif cfg.model in TOY_WORLDS:
                 import toy
 
-                cfg.model = str(toy.warm_start(Path(cfg.cache_dir) / "toy", seed=cfg.seed))
+                cfg.model = str(toy.warm_start(Path(cfg.cache_dir) / "toy", cfg.seed, **toy.WORLDS[cfg.model]))
         barrier()
 
 
 def load_problems(source: str, split: str, cfg: Config) -> list[dict]:
     if source == "tiny":
         return data.tiny_problems(seed=cfg.seed if split == "train" else cfg.seed + 1)
-    if source == "toy":
+    if source in TOY_WORLDS:
         import toy
 
-        return toy.problems(5000 if split == "train" else 200, seed=cfg.seed, split=split)
+        world = toy.WORLDS[source]
+        return toy.problems(5000 if split == "train" else 200, cfg.seed, split, world["min_ops"], world["max_ops"])
     try:
         return data.load_problems(source, split, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
                                   skip_bad_rows=cfg.skip_bad_rows)

@@ -26,8 +26,12 @@ runs through exactly the code path of the real runs with no downloads.
   that it samples right answers about 60% of the time (greedy: nearly always) and RL has room both to
   improve and to pad.
   `warm_start` caches the result in a folder keyed by seed and configuration.
-- `python toy.py report RUN_DIR...` turns runs' metrics.jsonl into the ablation table and plot;
-  `python toy.py warm-start` builds the cache ahead of time and measures the warm start;
+- The harder world (`--preset toy-hard`, HARD_CONFIG): the same task with 4-6 operations, and a warm start
+  whose SFT solutions slip at each step with probability 0.2, so that sampled success starts near 0.27: where
+  the success reward is rare, to see whether dense step credit speeds learning.
+- `python toy.py report RUN_DIR...` turns runs' metrics.jsonl into the ablation table and plot (seeds of one
+  experiment averaged on one row, with the first step that reaches a success rate);
+  `python toy.py warm-start [--world toy-hard]` builds the cache ahead of time and measures the warm start;
   `python toy.py bench --advantage NAME` times scoring and the update of one saved toy rollout.
 """
 
@@ -44,6 +48,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -128,13 +133,16 @@ def write_solution(
     rng: random.Random | None = None,
     slip_fraction: float = 0.0,
     redundant_fraction: float = 0.0,
+    step_slip_fraction: float = 0.0,
 ) -> str:
     """The step-by-step solution text, steps separated by a blank line, ending with `\\boxed{answer}`.
 
     With an `rng`, a fraction `slip_fraction` of solutions gets one arithmetic slip: the result of one step,
     chosen uniformly, is off by 1 or 2 (never below 0) and the later steps compute from the wrong value, so
-    the boxed answer is wrong too. Independently, each step is followed with probability
-    `redundant_fraction` by a correct but useless step such as `7+0=7`.
+    the boxed answer is wrong too. Besides, each step slips on its own with probability `step_slip_fraction`
+    (a solution of n steps is then right with probability (1 - step_slip_fraction)^n, so longer chains fail
+    more often). Independently, each step is followed with probability `redundant_fraction` by a correct but
+    useless step such as `7+0=7`.
     Example: write_solution(3, [('+', 4), ('*', 2)]) == '3+4=7\\n\\n7*2=14\\n\\n\\\\boxed{14}'.
     """
     slip_at = -1
@@ -143,7 +151,7 @@ def write_solution(
     steps, value = [], start
     for i, (op, b) in enumerate(ops):
         result = apply_op(value, op, b)
-        if i == slip_at:
+        if i == slip_at or (rng is not None and step_slip_fraction and rng.random() < step_slip_fraction):
             delta = rng.choice([-2, -1, 1, 2])
             result = result + delta if result + delta >= 0 else result - delta
         steps.append(f"{value}{op}{b}={result}")
@@ -262,12 +270,22 @@ FULL_CONFIG = dict(
     lr=3e-3,
     slip_fraction=0.35,
     redundant_fraction=0.10,
+    step_slip_fraction=0.0,
+    min_ops=2,  # operations per problem, drawn uniformly in [min_ops, max_ops], for the SFT data and for PPO
+    max_ops=3,
 )
 # A smaller warm start for tests and CI, built once per test session (about 40 s on one thread; greedy success
 # about 0.8, sampled about 0.3 on held-out problems). Half the width and depth learns the arithmetic only with a
 # higher learning rate.
-CI_CONFIG = dict(FULL_CONFIG, hidden_size=64, intermediate_size=256, num_layers=2, sft_steps=1000, batch_size=32,
-                 lr=5e-3)
+CI_SIZE = dict(hidden_size=64, intermediate_size=256, num_layers=2, sft_steps=1000, batch_size=32, lr=5e-3)
+# The harder world (preset toy-hard): chains of 4-6 operations, and SFT solutions in which each step slips with
+# probability 0.2 (right 0.8^n of the time), so that the warm start is right 0.27 of the time when sampling and
+# 0.96 greedy on 200 held-out problems: it knows the arithmetic, but success is rare. One slip in 60% or 70% of
+# the solutions instead (the toy's kind of noise) gave 0.45 and 0.47 sampled: the model learns a per-step slip
+# rate and applies it to every step, so success only falls as exp(-fraction). 0.25 per step gave 0.19.
+HARD_CONFIG = dict(FULL_CONFIG, min_ops=4, max_ops=6, slip_fraction=0.0, step_slip_fraction=0.2)
+# The worlds by the name their preset, model and data source use (ppo.TOY_WORLDS).
+WORLDS = {"toy": FULL_CONFIG, "toy-hard": HARD_CONFIG}
 # Bump when the task, the tokenizer or the training recipe changes, so that old caches are not reused.
 WARM_START_VERSION = 1
 
@@ -275,7 +293,7 @@ WARM_START_VERSION = 1
 def warm_start(cache_dir: str | Path, seed: int = 0, **overrides) -> Path:
     """The warm-started toy policy as an HF folder (safetensors, tokenizer, generation_config), built once.
 
-    `overrides` replace fields of FULL_CONFIG (e.g. `**CI_CONFIG`). The folder is
+    `overrides` replace fields of FULL_CONFIG (e.g. `**CI_SIZE`, `**HARD_CONFIG`). The folder is
     `cache_dir/warm-seed{seed}-{hash of the configuration}`; it is built in a temporary folder beside it and
     renamed into place, so concurrent runs never see half a cache (the loser of a race discards its copy).
     Deterministic on CPU for a given seed, configuration and torch thread count.
@@ -336,10 +354,11 @@ def _build_warm_start(out: Path, seed: int, config: dict) -> None:
     for step in range(steps):
         rows = []
         for _ in range(config["batch_size"]):
-            start, ops = sample_chain(rng, rng.randint(2, 3))
+            start, ops = sample_chain(rng, rng.randint(config["min_ops"], config["max_ops"]))
             prompt = tokenizer.encode(data.format_prompt(tokenizer, expression(start, ops)))
             solution = tokenizer.encode(write_solution(
-                start, ops, rng, config["slip_fraction"], config["redundant_fraction"])) + [eos]
+                start, ops, rng, config["slip_fraction"], config["redundant_fraction"],
+                config["step_slip_fraction"])) + [eos]
             rows.append((prompt, solution))
         # Right padding for training: positions start at 0 in every row, as they do in generate with
         # left-padded prompts (position ids come from the attention mask there).
@@ -416,6 +435,11 @@ def measure(model_dir: str | Path, items: list[dict], *, greedy: bool, temperatu
 REPORT_WINDOW = 10  # "start" and "end" are the means of the first and the last this many PPO steps
 REPORT_COLUMNS = [("success", "reward/success"), ("steps per response", "response/steps"),
                   ("length (tokens)", "response/length"), ("truncated", "response/truncated")]
+DEFAULT_THRESHOLD = 0.5  # the sample-efficiency column: the first step whose REPORT_WINDOW-step mean success
+# reaches this
+# config.json fields that differ between the seeds of one experiment (or say nothing about it): ignored when
+# runs are grouped.
+NOT_THE_EXPERIMENT = {"seed", "output_dir", "resume", "wandb_project", "wandb_entity", "cache_dir"}
 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -454,46 +478,135 @@ def window_means(rows: list[dict], key: str) -> tuple[float, float]:
     return sum(r[key] for r in first) / len(first), sum(r[key] for r in last) / len(last)
 
 
+def first_step_reaching(rows: list[dict], threshold: float) -> int | None:
+    """The first PPO step at which the mean success of the last REPORT_WINDOW steps (a full window) reaches
+    `threshold`, or None. Example: success 0 at steps 1-10 and 1 from step 11 on reaches 0.5 at step 15
+    (steps 6-15 hold five ones)."""
+    success = [r["reward/success"] for r in rows]
+    for i in range(REPORT_WINDOW - 1, len(rows)):
+        if sum(success[i + 1 - REPORT_WINDOW:i + 1]) / REPORT_WINDOW >= threshold - 1e-9:  # rounding of sums
+            return rows[i]["step"]
+    return None
+
+
+@dataclass
+class RunGroup:
+    """The runs of one experiment, one per seed (see `experiment_key`), cut to the steps they all have."""
+    name: str  # the folders' common name without a seed suffix: success-gae-s0, success-gae-s1 -> success-gae
+    config: dict  # the first run's config.json
+    seeds: list[int]
+    runs: list[list[dict]]  # each run's metric rows, sorted by step
+
+    def means(self, key: str) -> tuple[float, float]:
+        """(start, end) window means of `key`, averaged over the seeds."""
+        pairs = [window_means(rows, key) for rows in self.runs]
+        return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
+
+    def end_spread(self, key: str) -> float:
+        """Sample standard deviation over the seeds of the end window mean of `key` (0 for one run)."""
+        ends = [window_means(rows, key)[1] for rows in self.runs]
+        if len(ends) < 2:
+            return 0.0
+        mean = sum(ends) / len(ends)
+        return math.sqrt(sum((e - mean) ** 2 for e in ends) / (len(ends) - 1))
+
+
+def experiment_key(config: dict, *also_ignored: str) -> str:
+    """What makes runs seeds of one experiment: their config.json without NOT_THE_EXPERIMENT (and
+    `also_ignored`); a toy warm start's folder counts without its seed and cache folder, since
+    `--preset toy --seed N` warms up per seed."""
+    kept = {k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT and k not in also_ignored}
+    warm = re.fullmatch(r"warm-seed\d+-(\w+)", Path(str(kept.get("model", ""))).name)
+    if warm:
+        kept["model"] = f"toy warm start {warm.group(1)}"
+    return json.dumps(kept, sort_keys=True)
+
+
+def group_runs(runs: list[tuple[Path, dict, list[dict]]]) -> list[RunGroup]:
+    """Runs of one experiment as one group each, in order of first appearance. A seed that a group already has
+    opens another group (a rerun is shown beside the first, not averaged with it)."""
+    groups: list[tuple[str, RunGroup, list[str]]] = []
+    for run_dir, config, rows in runs:
+        config.setdefault("advantage", "gae")  # runs that predate --advantage
+        key, seed = experiment_key(config), config.get("seed", 0)
+        found = next(((g, names) for k, g, names in groups if k == key and seed not in g.seeds), None)
+        group, names = found or (RunGroup(run_dir.name, config, [], []), [])
+        if found is None:
+            groups.append((key, group, names))
+        group.seeds.append(seed)
+        group.runs.append(rows)
+        names.append(run_dir.name)
+    for _, group, names in groups:
+        if len(names) > 1:
+            group.name = re.sub(r"[-_]s?\d*$", "", os.path.commonprefix(names)) or group.name
+        shortest = min(len(rows) for rows in group.runs)
+        if any(len(rows) > shortest for rows in group.runs):
+            print(f"report: {group.name}: its seeds ran {sorted({len(r) for r in group.runs})} steps; all are cut "
+                  f"to the first {shortest}", file=sys.stderr)
+            group.runs = [rows[:shortest] for rows in group.runs]
+    return [group for _, group, _ in groups]
+
+
 FAIL_SUCCESS_DROP = 0.1  # a run "fails" when its end success is this far below `success` under its estimator,
 FAIL_STEPS_GROWTH = 1.0  # ... or its steps per response grow by more than this from start to end
 
 
-def verdict(rows: list[dict], reference: list[dict] | None) -> str:
-    """"fails: ..." / "holds" against the `success` run of the same estimator (`reference`), "-" without one."""
-    steps_start, steps_end = window_means(rows, "response/steps")
+def verdict(group: RunGroup, reference: RunGroup | None) -> str:
+    """"fails: ..." / "holds" against `reference`, the `success` runs of the same configuration but the reward
+    and alpha (so under the same estimator), "-" without them. Both sides are means over their seeds."""
+    steps_start, steps_end = group.means("response/steps")
     reasons = [f"steps +{steps_end - steps_start:.1f}"] if steps_end - steps_start > FAIL_STEPS_GROWTH else []
     if reference is None:
         return "fails: " + reasons[0] if reasons else "-"
-    drop = window_means(reference, "reward/success")[1] - window_means(rows, "reward/success")[1]
-    if drop > FAIL_SUCCESS_DROP:
+    drop = reference.means("reward/success")[1] - group.means("reward/success")[1]
+    if drop > FAIL_SUCCESS_DROP + 1e-9:
         reasons.insert(0, f"success -{drop:.2f}")
     return "fails: " + ", ".join(reasons) if reasons else "holds"
 
 
-def report(run_dirs: list[Path], out: Path | None) -> str:
-    """Markdown table of the runs (and a PNG plot beside `out` when matplotlib is installed).
+def steps_to_threshold(group: RunGroup, threshold: float) -> str:
+    """The sample-efficiency cell: the mean over seeds of `first_step_reaching`, then each seed's step."""
+    reached = [first_step_reaching(rows, threshold) for rows in group.runs]
+    each = ", ".join("not reached" if step is None else str(step) for step in reached)
+    if len(reached) == 1:
+        return each
+    if None in reached:
+        return f"{len(reached) - reached.count(None)} of {len(reached)} ({each})"
+    return f"{sum(reached) / len(reached):.0f} ({each})"
 
+
+def table_row(group: RunGroup, reference: RunGroup | None, threshold: float) -> list[str]:
+    config = group.config
+    alpha = "-" if config["reward"] == "success" else f"{config['alpha']:g}"
+    minutes = sum(sum(r.get("time/step", 0.0) for r in rows) for rows in group.runs) / len(group.runs) / 60
+    cells = [group.name, str(config["reward"]), alpha, config["advantage"], ", ".join(map(str, group.seeds)),
+             str(min(rows[-1]["step"] for rows in group.runs)), f"{minutes:.1f}"]
+    for _, key in REPORT_COLUMNS:
+        start, end = group.means(key)
+        digits = 1 if key in ("response/steps", "response/length") else 2
+        spread = f" +- {group.end_spread(key):.2f}" if key == "reward/success" and len(group.runs) > 1 else ""
+        cells.append(f"{start:.{digits}f} -> {end:.{digits}f}{spread}")
+    return cells + [steps_to_threshold(group, threshold), verdict(group, reference)]
+
+
+def report(run_dirs: list[Path], out: Path | None, threshold: float = DEFAULT_THRESHOLD) -> str:
+    """Markdown table of the runs, seeds of one experiment on one row (and a PNG plot beside `out` when
+    matplotlib is installed).
+
+    A row's numbers are means over its seeds; in the success cell, "+-" gives the sample standard deviation
+    of the end success over the seeds. "minutes" counts PPO steps only (model loading excluded), per run.
     Runs without an `advantage` in config.json predate --advantage and read as `gae`. The last column judges
-    each run against the `success` run of the same estimator among `run_dirs` (see `verdict`).
+    each row against the `success` row of the same configuration but the reward (see `verdict`).
     """
-    runs = [(run_dir, *read_run(run_dir)) for run_dir in run_dirs]
-    for _, config, _ in runs:
-        config.setdefault("advantage", "gae")
-    success_rows = {c["advantage"]: rows for _, c, rows in runs if c["reward"] == "success"}
-    header = ["run", "reward", "alpha", "advantage", "PPO steps", "minutes"] + [n for n, _ in REPORT_COLUMNS]
-    lines = ["| " + " | ".join(header + ["verdict"]) + " |", "|" + " --- |" * (len(header) + 1)]
-    for run_dir, config, rows in runs:
-        alpha = "-" if config["reward"] == "success" else f"{config['alpha']:g}"
-        minutes = sum(r.get("time/step", 0.0) for r in rows) / 60  # PPO steps only, model loading excluded
-        cells = [run_dir.name, str(config["reward"]), alpha, config["advantage"], str(rows[-1]["step"]),
-                 f"{minutes:.1f}"]
-        for name, key in REPORT_COLUMNS:
-            start, end = window_means(rows, key)
-            digits = 1 if key in ("response/steps", "response/length") else 2
-            cells.append(f"{start:.{digits}f} -> {end:.{digits}f}")
-        reference = None if config["reward"] == "success" else success_rows.get(config["advantage"])
-        cells.append(verdict(rows, reference))
-        lines.append("| " + " | ".join(cells) + " |")
+    groups = group_runs([(run_dir, *read_run(run_dir)) for run_dir in run_dirs])
+    success = {experiment_key(g.config, "reward", "alpha"): g for g in groups if g.config["reward"] == "success"}
+    header = ["run", "reward", "alpha", "advantage", "seeds", "PPO steps", "minutes",
+              *(name for name, _ in REPORT_COLUMNS), f"steps to {threshold:g}", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for group in groups:
+        reference = None if group.config["reward"] == "success" else success.get(
+            experiment_key(group.config, "reward", "alpha"))
+        lines.append("| " + " | ".join(table_row(group, reference, threshold)) + " |")
     table = "\n".join(lines) + "\n"
     if out is None:
         return table
@@ -504,12 +617,13 @@ def report(run_dirs: list[Path], out: Path | None) -> str:
     except ImportError:
         print("report: matplotlib is not installed (pip install -e '.[plot]'), no plot written", file=sys.stderr)
         return table
-    plot(runs, out.with_suffix(".png"))
+    plot(groups, out.with_suffix(".png"))
     return table
 
 
-def plot(runs: list[tuple[Path, dict, list[dict]]], path: Path) -> None:
-    """Success rate and steps per response against PPO step: one row of two panels per estimator."""
+def plot(groups: list[RunGroup], path: Path) -> None:
+    """Success rate and steps per response against PPO step, one row of two panels per estimator: the mean over
+    a row's seeds, the range between its lowest and highest seed shaded."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -518,18 +632,26 @@ def plot(runs: list[tuple[Path, dict, list[dict]]], path: Path) -> None:
         return [sum(values[max(0, i + 1 - width):i + 1]) / len(values[max(0, i + 1 - width):i + 1])
                 for i in range(len(values))]
 
-    estimators = list(dict.fromkeys(config["advantage"] for _, config, _ in runs))
+    estimators = list(dict.fromkeys(group.config["advantage"] for group in groups))
     fig, axes = plt.subplots(len(estimators), 2, figsize=(11, 4 * len(estimators)), squeeze=False)
     for (ax_success, ax_steps), estimator in zip(axes, estimators):
-        for run_dir, config, rows in runs:
-            if config["advantage"] != estimator:
+        for group in groups:
+            if group.config["advantage"] != estimator:
                 continue
-            label = str(config["reward"])
-            if config["reward"] != "success":
-                label += f" (alpha {config['alpha']:g})"
-            steps = [r["step"] for r in rows]
-            ax_success.plot(steps, smoothed([r["reward/success"] for r in rows]), label=label)
-            ax_steps.plot(steps, smoothed([r["response/steps"] for r in rows]), label=label)
+            label = str(group.config["reward"])
+            if group.config["reward"] != "success":
+                label += f" (alpha {group.config['alpha']:g})"
+            if len(group.runs) > 1:
+                label += f", {len(group.runs)} seeds"
+            length = min(len(rows) for rows in group.runs)  # the steps every seed has
+            steps = [r["step"] for r in group.runs[0][:length]]
+            for ax, key in ((ax_success, "reward/success"), (ax_steps, "response/steps")):
+                curves = [smoothed([r[key] for r in rows[:length]]) for rows in group.runs]
+                mean = [sum(values) / len(values) for values in zip(*curves)]
+                line, = ax.plot(steps, mean, label=label)
+                if len(curves) > 1:
+                    ax.fill_between(steps, [min(v) for v in zip(*curves)], [max(v) for v in zip(*curves)],
+                                    color=line.get_color(), alpha=0.2, linewidth=0)
         suffix = f" [{estimator}]" if len(estimators) > 1 else ""
         ax_success.set(xlabel="PPO step", ylabel="success rate (mean of 5 steps)" + suffix, ylim=(0, 1))
         ax_steps.set(xlabel="PPO step", ylabel="steps per response (mean of 5 steps)" + suffix)
@@ -592,11 +714,16 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--cache-dir", type=Path, default=models.default_cache_dir() / "toy",
                        help="cache folder (default: $PRM_PPO_CACHE/toy, else ~/.cache/prm-ppo/toy)")
-    build.add_argument("--ci", action="store_true", help="the smaller CI-sized configuration (CI_CONFIG)")
+    build.add_argument("--world", choices=sorted(WORLDS), default="toy", help="which toy world (default toy)")
+    build.add_argument("--ci", action="store_true", help="the CI-sized model and SFT budget (CI_SIZE)")
+    build.add_argument("--no-measure", action="store_true", help="only print the folder (build it if missing)")
     rep = commands.add_parser("report", help="markdown table (and PNG plot) of PPO runs' metrics.jsonl")
     rep.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     rep.add_argument("--out", type=Path, default=None,
                      help="write the table here and the plot beside it (same name, .png); default: print the table")
+    rep.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                     help="success rate of the sample-efficiency column: the first step whose "
+                     f"{REPORT_WINDOW}-step mean reaches it (default {DEFAULT_THRESHOLD})")
     timing = commands.add_parser("bench", help="median seconds of scoring and the update of one saved toy rollout")
     timing.add_argument("--advantage", default="gae", help="the --advantage to time (default gae)")
     timing.add_argument("--rollout", type=Path, default=Path("runs/toy-bench/rollout.pt"),
@@ -610,14 +737,19 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"advantage": args.advantage, **{f"seconds/{k}": round(v, 4) for k, v in seconds.items()}}))
         return
     if args.command == "report":
-        table = report(args.run_dirs, args.out)
+        table = report(args.run_dirs, args.out, args.threshold)
         print(table if args.out is None else f"wrote {args.out}", end="" if args.out is None else "\n")
         return
-    folder = warm_start(args.cache_dir, args.seed, **(CI_CONFIG if args.ci else {}))
-    print(folder)
-    held_out = problems(200, seed=args.seed, split="eval")
+    world = WORLDS[args.world]
+    folder = warm_start(args.cache_dir, args.seed, **dict(world, **(CI_SIZE if args.ci else {})))
+    print(folder, flush=True)
+    if args.no_measure:
+        return
+    import ppo
+
+    held_out = problems(200, args.seed, "eval", world["min_ops"], world["max_ops"])
     for greedy in (True, False):
-        stats = measure(folder, held_out, greedy=greedy)
+        stats = measure(folder, held_out, greedy=greedy, max_new_tokens=ppo.PRESETS[args.world]["max_new_tokens"])
         print(("greedy " if greedy else "sampled (temperature 1) ")
               + " ".join(f"{k} {v:.3f}" for k, v in stats.items()))
 

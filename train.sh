@@ -8,12 +8,34 @@
 #   bash train.sh toy-ablation        the CPU toy world: every reward at alpha = 1, then a table (and a plot: .[plot])
 #   bash train.sh toy-alpha           the toy world: prm and delta at alpha = 0.5 and 0.2
 #   bash train.sh toy-estimators      the toy world: every reward under every --advantage (PARALLEL=2 runs at once)
+#   bash train.sh toy-hard            the harder toy world: when does a PRM help? (seeds, sample efficiency)
 #
 # Example: bash train.sh paper-1.5b --reward delta --output-dir runs/delta
 set -euo pipefail
 cd "$(dirname "$0")"
 # Rerunning a recipe continues its run folders (a finished run only re-exports its policy) instead of refusing them.
 resume_if_started() { if [ -f "$1/checkpoints/latest" ]; then echo --resume; fi; }
+# run_cell OUT PPO_FLAGS...: one toy run at alpha 1 in the background of a matrix, logging to OUT.log, once fewer
+# than PARALLEL (default 2) runs are going. A failed run leaves OUT.failed and stops nothing else.
+run_cell() {
+  while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-2}" ]; do sleep 1; done
+  local out=$1; shift
+  rm -f "$out.failed"
+  mkdir -p "$(dirname "$out")"
+  { python ppo.py --alpha 1 "$@" --output-dir "$out" $(resume_if_started "$out") > "$out.log" 2>&1 \
+    && echo "done: $out" || { touch "$out.failed"; echo "failed: $out (see $out.log)" >&2; }; } &
+}
+# report_cells ROOT THRESHOLD RUN...: the table (and plot) of the runs that wrote metrics, with the first step
+# whose 10-step mean success reaches THRESHOLD; exits 1 if any run failed.
+report_cells() {
+  local root=$1 threshold=$2 written="" failed=0 run; shift 2
+  for run in "$@"; do
+    [ ! -s "$run/metrics.jsonl" ] || written+=" $run"
+    [ ! -e "$run.failed" ] || failed=1
+  done
+  [ -z "$written" ] || python toy.py report $written --out "$root/report.md" --threshold "$threshold"
+  return $failed
+}
 recipe=${1:-}
 shift || true
 case "$recipe" in
@@ -65,27 +87,37 @@ PY
     # one thread each, each logging to <run>.log. A failed run leaves <run>.failed and stops nothing else; the
     # report covers the runs that wrote metrics, and the recipe then exits 1.
     export OMP_NUM_THREADS=1
-    root=runs/toy-estimators
-    mkdir -p "$root"
-    run_cell() {  # run_cell ADVANTAGE REWARD [ppo.py flags]
-      local out="$root/$2-$1"
-      rm -f "$out.failed"
-      python ppo.py --preset toy --reward "$2" --alpha 1 --advantage "$1" --output-dir "$out" \
-        $(resume_if_started "$out") "${@:3}" > "$out.log" 2>&1 || { touch "$out.failed"; echo "failed: $out (see $out.log)" >&2; return 0; }
-      echo "done: $out"
-    }
-    estimators="grpo rloo reinforce_pp gae" rewards="success prm clip delta clip_delta minform"
-    for advantage in $estimators; do
-      for reward in $rewards; do
-        while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-2}" ]; do sleep 1; done
-        run_cell "$advantage" "$reward" "$@" &
+    root=runs/toy-estimators cells=""
+    for advantage in grpo rloo reinforce_pp gae; do
+      for reward in success prm clip delta clip_delta minform; do
+        run_cell "$root/$reward-$advantage" --preset toy --reward "$reward" --advantage "$advantage" "$@"
+        cells+=" $root/$reward-$advantage"
       done
     done
     wait
-    written=$(for a in $estimators; do for r in $rewards; do [ ! -s "$root/$r-$a/metrics.jsonl" ] || echo "$root/$r-$a"; done; done)
-    [ -z "$written" ] || python toy.py report $written --out "$root/report.md"
-    ! ls "$root"/*.failed > /dev/null 2>&1 ;;
+    report_cells "$root" 0.8 $cells ;;
+  toy-hard)
+    # The harder toy world: 6 rewards under gae and reinforce_pp (the best critic-free estimator of the toy
+    # matrix), 3 seeds for success and clip_delta and one for the rest, success-rate threshold 0.4 for the
+    # sample-efficiency column. Every seed starts from the same warm start (seed 0): --seed varies the PPO run
+    # (problem order, sampling, value head). Runs as toy-estimators does.
+    export OMP_NUM_THREADS=1
+    root=runs/toy-hard cells=""
+    model=$(python toy.py warm-start --world toy-hard --no-measure)
+    hard_cell() {  # hard_cell REWARD ADVANTAGE SEED
+      run_cell "$root/$1-$2-s$3" --preset toy-hard --model "$model" --reward "$1" --advantage "$2" --seed "$3" ${extra[@]+"${extra[@]}"}
+      cells+=" $root/$1-$2-s$3"
+    }
+    extra=("$@")
+    for advantage in gae reinforce_pp; do  # the comparison that matters first, then one seed of the rest
+      for seed in 0 1 2; do hard_cell success "$advantage" "$seed"; hard_cell clip_delta "$advantage" "$seed"; done
+    done
+    for advantage in gae reinforce_pp; do
+      for reward in prm clip delta minform; do hard_cell "$reward" "$advantage" 0; done
+    done
+    wait
+    report_cells "$root" 0.4 $cells ;;
   *)
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     [ -z "$recipe" ] || { echo "unknown recipe: $recipe" >&2; exit 2; } ;;
 esac

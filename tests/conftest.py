@@ -53,7 +53,7 @@ def qwen2_tokenizer():
 
 @pytest.fixture(scope="session")
 def toy_ci_policy(tmp_path_factory) -> Path:
-    """The CI-sized toy warm start (toy.CI_CONFIG), built once per test session (~40 s on one thread)."""
+    """The CI-sized toy warm start (toy.CI_SIZE), built once per test session (~40 s on one thread)."""
     import toy
 
-    return toy.warm_start(tmp_path_factory.getbasetemp() / "toy_cache", seed=0, **toy.CI_CONFIG)
+    return toy.warm_start(tmp_path_factory.getbasetemp() / "toy_cache", seed=0, **toy.CI_SIZE)

@@ -1,7 +1,9 @@
 """The CPU toy world: task generator, step verifier, character tokenizer, cached warm start, report."""
 
+import importlib.util
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +119,28 @@ def test_slips_are_carried_forward_and_make_the_answer_wrong():
         assert wrong == 1
         assert steps[-1] == f"\\boxed{{{previous}}}"
         assert previous != str(toy.evaluate_chain(start, ops))
+
+
+def test_step_slips_are_independent_per_step_and_carried_forward():
+    rng = random.Random(3)
+    n, wrong_steps, clean = 4000, 0, 0
+    for _ in range(n):
+        start, ops = toy.sample_chain(rng, 5)
+        steps = steps_of(toy.write_solution(start, ops, rng, step_slip_fraction=0.2))
+        value, slips = str(start), 0
+        for step, (op, b) in zip(steps, ops):
+            lhs, rhs = step.split("=")
+            assert lhs == f"{value}{op}{b}"  # each step computes from the value written before it
+            slips += int(rhs) != eval(lhs)
+            value = rhs
+        right = steps[-1] == f"\\boxed{{{toy.evaluate_chain(start, ops)}}}"
+        assert right or slips > 0
+        if slips == 1:
+            assert not right  # a single slip is carried to the answer (two can cancel: +1, later -1)
+        wrong_steps += slips
+        clean += slips == 0
+    assert abs(wrong_steps / (5 * n) - 0.2) < 0.01
+    assert abs(clean / n - 0.8 ** 5) < 0.02  # independent per step: 0.33 of 5-step solutions have no slip
 
 
 def test_noise_fractions_match_the_configuration():
@@ -260,6 +284,36 @@ def test_warm_start_that_loses_a_race_keeps_the_winner(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [folder]  # this run's temporary copy is gone
 
 
+def test_warm_start_draws_its_operations_from_the_configuration(tmp_path, monkeypatch):
+    """The SFT data of a world has its number of operations, and the world is part of the cache key."""
+    drawn = []
+    real_sample_chain = toy.sample_chain
+    monkeypatch.setattr(toy, "sample_chain", lambda rng, n: drawn.append(n) or real_sample_chain(rng, n))
+    hard = toy.warm_start(tmp_path, seed=0, **dict(toy.HARD_CONFIG, **MICRO))
+    assert set(drawn) == {4, 5, 6}  # 4 steps x 4 rows
+    drawn.clear()
+    assert toy.warm_start(tmp_path, seed=0, **MICRO) != hard and set(drawn) == {2, 3}
+
+
+def test_toy_hard_preset_builds_its_warm_start_and_trains(tmp_path, monkeypatch):
+    """`--preset toy-hard` end to end at a micro size: the warm start is built for the hard world (4-6
+    operations, HARD_CONFIG's slips), the prompts have 4-6 operations, and PPO runs its steps."""
+    import ppo
+
+    assert set(ppo.TOY_WORLDS) == set(toy.WORLDS)
+    monkeypatch.setitem(toy.WORLDS, "toy-hard", dict(toy.HARD_CONFIG, **MICRO))
+    out = tmp_path / "run"
+    ppo.main(["--preset", "toy-hard", "--cache-dir", str(tmp_path / "cache"), "--steps", "2", "--prompts-per-step",
+              "4", "--answer-workers", "1", "--log-samples-every", "1", "--output-dir", str(out)])
+    config, rows = toy.read_run(out)
+    assert config["max_new_tokens"] == 128 and [row["step"] for row in rows] == [1, 2]
+    built = json.loads((Path(config["model"]) / "toy.json").read_text())
+    assert (built["min_ops"], built["max_ops"], built["slip_fraction"], built["step_slip_fraction"]) == (4, 6, 0, 0.2)
+    assert Path(config["model"]).parent == tmp_path / "cache" / "toy"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(4 <= sum(s["problem"].count(op) for op in "+-*") <= 6 for s in samples)
+
+
 # -------------------------------------------------------------------------------------------------
 # Report
 # -------------------------------------------------------------------------------------------------
@@ -278,22 +332,90 @@ def test_report_table_uses_first_and_last_ten_steps(tmp_path):
     write_run(tmp_path / "success", {"reward": "success", "alpha": 1.0}, rows[:5])
     table = toy.report([tmp_path / "prm_a1", tmp_path / "success"], out=None)
     lines = table.splitlines()
-    assert lines[0] == ("| run | reward | alpha | advantage | PPO steps | minutes | success | steps per response "
-                        "| length (tokens) | truncated | verdict |")
+    assert lines[0] == ("| run | reward | alpha | advantage | seeds | PPO steps | minutes | success "
+                        "| steps per response | length (tokens) | truncated | steps to 0.5 | verdict |")
     # first ten steps 1..10: success mean 5.5/20 = 0.275, length 25.5, steps 4, truncated 0;
     # last ten steps 11..20: success 15.5/20 = 0.775, length 35.5, steps 4.6, truncated 0.15.
-    # 20 steps of 3 s: 1.0 minute. A run without "advantage" in its config predates the flag: gae.
-    # Against `success` (end 0.15) prm ends higher and its steps grow by 0.6 <= 1.0: it holds.
-    assert lines[2] == ("| prm_a1 | prm | 1 | gae | 20 | 1.0 | 0.28 -> 0.78 | 4.0 -> 4.6 | 25.5 -> 35.5 "
-                        "| 0.00 -> 0.15 | holds |")
-    # a run shorter than ten steps: both windows cover all of it; alpha is not shown for success only.
-    assert lines[3] == ("| success | success | - | gae | 5 | 0.2 | 0.15 -> 0.15 | 4.0 -> 4.0 | 23.0 -> 23.0 "
-                        "| 0.00 -> 0.00 | - |")
+    # 20 steps of 3 s: 1.0 minute. A run without "advantage" in its config predates the flag: gae; without
+    # "seed", seed 0. The 10-step mean success first reaches 0.5 at step 15 (steps 6..15: 105/200 = 0.525;
+    # step 14: 0.475). Against `success` (end 0.15) prm ends higher and its steps grow by 0.6 <= 1.0: it holds.
+    assert lines[2] == ("| prm_a1 | prm | 1 | gae | 0 | 20 | 1.0 | 0.28 -> 0.78 | 4.0 -> 4.6 | 25.5 -> 35.5 "
+                        "| 0.00 -> 0.15 | 15 | holds |")
+    # a run shorter than ten steps: both windows cover all of it, and no full window reaches 0.5; alpha is not
+    # shown for success only.
+    assert lines[3] == ("| success | success | - | gae | 0 | 5 | 0.2 | 0.15 -> 0.15 | 4.0 -> 4.0 | 23.0 -> 23.0 "
+                        "| 0.00 -> 0.00 | not reached | - |")
 
     out = tmp_path / "out" / "table.md"
-    toy.main(["report", str(tmp_path / "prm_a1"), "--out", str(out)])
-    alone = lines[2].replace("| holds |", "| - |")  # without a `success` run there is nothing to judge against
-    assert out.read_text() == "\n".join([*lines[:2], alone]) + "\n"
+    toy.main(["report", str(tmp_path / "prm_a1"), "--out", str(out), "--threshold", "0.75"])
+    # without a `success` run there is nothing to judge against; 0.75 is first reached at step 20 (0.775)
+    alone = lines[2].replace("| 15 | holds |", "| 20 | - |")
+    assert out.read_text() == "\n".join([lines[0].replace("0.5", "0.75"), lines[1], alone]) + "\n"
+
+
+def test_first_step_reaching_a_threshold_uses_full_trailing_windows():
+    rows = [{"step": i, "reward/success": float(i > 10)} for i in range(1, 31)]
+    assert toy.first_step_reaching(rows, 0.5) == 15   # the docstring's example: steps 6-15 hold five ones
+    assert toy.first_step_reaching(rows, 1.0) == 20
+    assert toy.first_step_reaching(rows, 0.0) == 10   # the first full window, not step 1
+    assert toy.first_step_reaching(rows[:9], 0.0) is None
+    assert toy.first_step_reaching(rows, 1.01) is None
+
+
+def test_report_aggregates_seeds_mean_spread_and_steps_to_threshold(tmp_path):
+    def run(name, reward, seed, success, advantage="gae", lr=3e-5):
+        rows = [{"step": i, "reward/success": success(i), "response/length": 30 + seed, "response/steps": 5,
+                 "response/truncated": 0.0, "time/step": 6.0} for i in range(1, 31)]
+        write_run(tmp_path / name, {"reward": reward, "alpha": 1.0, "advantage": advantage, "seed": seed,
+                                    "output_dir": f"runs/{name}", "policy_lr": lr}, rows)
+        return tmp_path / name
+    runs = [run("success-gae-s0", "success", 0, lambda i: 0.2),
+            run("clip_delta-gae-s0", "clip_delta", 0, lambda i: 0.2 + 0.6 * (i > 10)),
+            run("success-gae-s1", "success", 1, lambda i: 0.4),
+            run("clip_delta-gae-s1", "clip_delta", 1, lambda i: 0.2 + 0.6 * (i > 20)),
+            run("clip_delta-gae-s2", "clip_delta", 2, lambda i: 0.2 + 0.3 * (i > 5)),
+            run("clip_delta-lr-s0", "clip_delta", 0, lambda i: 0.2, lr=1e-4)]  # another experiment: its own row
+    lines = toy.report(runs, out=None).splitlines()[2:]
+    assert len(lines) == 3
+    # success: seeds 0 and 1 end at 0.2 and 0.4: mean 0.30, sample std 0.14; never reaches 0.5.
+    assert lines[0] == ("| success-gae | success | - | gae | 0, 1 | 30 | 3.0 | 0.30 -> 0.30 +- 0.14 | 5.0 -> 5.0 "
+                        "| 30.5 -> 30.5 | 0.00 -> 0.00 | 0 of 2 (not reached, not reached) | - |")
+    # clip_delta: starts 0.2, 0.2, (5 x 0.2 + 5 x 0.5) / 10 = 0.35 -> mean 0.25; ends 0.8, 0.8, 0.5 -> mean 0.70,
+    # sample std 0.17. Reaches 0.5 at step 15 (seed 0: 0.2*5 + 0.8*5 = 5.0) and 25 (seed 1); seed 2 plateaus at
+    # 0.5 from step 15 (0.5 >= 0.5). 0.70 - 0.30 above success: holds.
+    assert lines[1] == ("| clip_delta-gae | clip_delta | 1 | gae | 0, 1, 2 | 30 | 3.0 | 0.25 -> 0.70 +- 0.17 "
+                        "| 5.0 -> 5.0 | 31.0 -> 31.0 | 0.00 -> 0.00 | 18 (15, 25, 15) | holds |")
+    # no success run at lr 1e-4 to judge against (gae's success ran at 3e-5)
+    assert lines[2] == ("| clip_delta-lr-s0 | clip_delta | 1 | gae | 0 | 30 | 3.0 | 0.20 -> 0.20 | 5.0 -> 5.0 "
+                        "| 30.0 -> 30.0 | 0.00 -> 0.00 | not reached | - |")
+
+    # A rerun of a seed is shown beside the first run, not averaged with it.
+    (tmp_path / "copy").mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        (tmp_path / "copy" / name).write_text((runs[0] / name).read_text())
+    lines = toy.report([runs[0], tmp_path / "copy"], out=None).splitlines()[2:]
+    assert [line.split(" | ")[0] for line in lines] == ["| success-gae-s0", "| copy"]
+
+
+def test_report_groups_toy_seeds_cuts_to_common_steps_and_plots_the_spread(tmp_path, capsys):
+    """`--preset toy --seed N` warms up per seed (the folder names differ only there): still one experiment.
+    A seed that stopped early cuts the others to its steps, with a note."""
+    def run(name, seed, steps, success):
+        rows = [{"step": i, "reward/success": success + 0.4 * (i > 12), "response/length": 30, "response/steps": 4,
+                 "response/truncated": 0.0} for i in range(1, steps + 1)]
+        write_run(tmp_path / name, {"reward": "clip", "alpha": 1.0, "seed": seed, "cache_dir": f"/c{seed}",
+                                    "model": f"/c{seed}/toy/warm-seed{seed}-0123abcd"}, rows)
+        return tmp_path / name
+    runs = [run("clip-s0", 0, 30, 0.5), run("clip-s1", 1, 12, 0.7), run("other", 2, 30, 0.1)]
+    (tmp_path / "other" / "config.json").write_text(json.dumps(
+        {"reward": "clip", "alpha": 1.0, "seed": 2, "model": "/c/toy/warm-seed2-ffff0000"}))  # another world
+    lines = toy.report(runs, out=tmp_path / "table.md").splitlines()[2:]
+    assert [line.split(" | ")[:6] for line in lines] == [
+        ["| clip", "clip", "1", "gae", "0, 1", "12"], ["| other", "clip", "1", "gae", "2", "30"]]
+    assert lines[0].split(" | ")[7] == "0.60 -> 0.60 +- 0.14"  # steps 3-12 of seed 0 (0.5), not 21-30 (0.9)
+    assert "clip: its seeds ran [12, 30] steps; all are cut to the first 12" in capsys.readouterr().err
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_verdict_compares_with_success_under_the_same_estimator(tmp_path):
