@@ -586,7 +586,9 @@ def table_row(group: RunGroup, reference: RunGroup | None, threshold: float) -> 
         digits = 1 if key in ("response/steps", "response/length") else 2
         spread = f" +- {group.end_spread(key):.2f}" if key == "reward/success" and len(group.runs) > 1 else ""
         cells.append(f"{start:.{digits}f} -> {end:.{digits}f}{spread}")
-    return cells + [steps_to_threshold(group, threshold), verdict(group, reference)]
+    # The area under the learning curve: a second measure of how fast a reward teaches, over the whole run.
+    mean_success = sum(sum(r["reward/success"] for r in rows) / len(rows) for rows in group.runs) / len(group.runs)
+    return cells + [f"{mean_success:.3f}", steps_to_threshold(group, threshold), verdict(group, reference)]
 
 
 def report(run_dirs: list[Path], out: Path | None, threshold: float = DEFAULT_THRESHOLD) -> str:
@@ -594,14 +596,15 @@ def report(run_dirs: list[Path], out: Path | None, threshold: float = DEFAULT_TH
     matplotlib is installed).
 
     A row's numbers are means over its seeds; in the success cell, "+-" gives the sample standard deviation
-    of the end success over the seeds. "minutes" counts PPO steps only (model loading excluded), per run.
+    of the end success over the seeds. "mean success" is over all steps of a run (the area under its curve).
+    "minutes" counts PPO steps only (model loading excluded), per run.
     Runs without an `advantage` in config.json predate --advantage and read as `gae`. The last column judges
     each row against the `success` row of the same configuration but the reward (see `verdict`).
     """
     groups = group_runs([(run_dir, *read_run(run_dir)) for run_dir in run_dirs])
     success = {experiment_key(g.config, "reward", "alpha"): g for g in groups if g.config["reward"] == "success"}
     header = ["run", "reward", "alpha", "advantage", "seeds", "PPO steps", "minutes",
-              *(name for name, _ in REPORT_COLUMNS), f"steps to {threshold:g}", "verdict"]
+              *(name for name, _ in REPORT_COLUMNS), "mean success", f"steps to {threshold:g}", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for group in groups:
         reference = None if group.config["reward"] == "success" else success.get(

@@ -333,18 +333,19 @@ def test_report_table_uses_first_and_last_ten_steps(tmp_path):
     table = toy.report([tmp_path / "prm_a1", tmp_path / "success"], out=None)
     lines = table.splitlines()
     assert lines[0] == ("| run | reward | alpha | advantage | seeds | PPO steps | minutes | success "
-                        "| steps per response | length (tokens) | truncated | steps to 0.5 | verdict |")
+                        "| steps per response | length (tokens) | truncated | mean success | steps to 0.5 | verdict |")
     # first ten steps 1..10: success mean 5.5/20 = 0.275, length 25.5, steps 4, truncated 0;
     # last ten steps 11..20: success 15.5/20 = 0.775, length 35.5, steps 4.6, truncated 0.15.
     # 20 steps of 3 s: 1.0 minute. A run without "advantage" in its config predates the flag: gae; without
     # "seed", seed 0. The 10-step mean success first reaches 0.5 at step 15 (steps 6..15: 105/200 = 0.525;
-    # step 14: 0.475). Against `success` (end 0.15) prm ends higher and its steps grow by 0.6 <= 1.0: it holds.
+    # step 14: 0.475); its mean success over all steps is 210/400. Against `success` (end 0.15) prm ends higher
+    # and its steps grow by 0.6 <= 1.0: it holds.
     assert lines[2] == ("| prm_a1 | prm | 1 | gae | 0 | 20 | 1.0 | 0.28 -> 0.78 | 4.0 -> 4.6 | 25.5 -> 35.5 "
-                        "| 0.00 -> 0.15 | 15 | holds |")
+                        "| 0.00 -> 0.15 | 0.525 | 15 | holds |")
     # a run shorter than ten steps: both windows cover all of it, and no full window reaches 0.5; alpha is not
     # shown for success only.
     assert lines[3] == ("| success | success | - | gae | 0 | 5 | 0.2 | 0.15 -> 0.15 | 4.0 -> 4.0 | 23.0 -> 23.0 "
-                        "| 0.00 -> 0.00 | not reached | - |")
+                        "| 0.00 -> 0.00 | 0.150 | not reached | - |")
 
     out = tmp_path / "out" / "table.md"
     toy.main(["report", str(tmp_path / "prm_a1"), "--out", str(out), "--threshold", "0.75"])
@@ -379,15 +380,16 @@ def test_report_aggregates_seeds_mean_spread_and_steps_to_threshold(tmp_path):
     assert len(lines) == 3
     # success: seeds 0 and 1 end at 0.2 and 0.4: mean 0.30, sample std 0.14; never reaches 0.5.
     assert lines[0] == ("| success-gae | success | - | gae | 0, 1 | 30 | 3.0 | 0.30 -> 0.30 +- 0.14 | 5.0 -> 5.0 "
-                        "| 30.5 -> 30.5 | 0.00 -> 0.00 | 0 of 2 (not reached, not reached) | - |")
+                        "| 30.5 -> 30.5 | 0.00 -> 0.00 | 0.300 | 0 of 2 (not reached, not reached) | - |")
     # clip_delta: starts 0.2, 0.2, (5 x 0.2 + 5 x 0.5) / 10 = 0.35 -> mean 0.25; ends 0.8, 0.8, 0.5 -> mean 0.70,
     # sample std 0.17. Reaches 0.5 at step 15 (seed 0: 0.2*5 + 0.8*5 = 5.0) and 25 (seed 1); seed 2 plateaus at
-    # 0.5 from step 15 (0.5 >= 0.5). 0.70 - 0.30 above success: holds.
+    # 0.5 from step 15 (0.5 >= 0.5). Mean success over the 30 steps: 18/30, 12/30, 13.5/30 -> 0.483.
+    # 0.70 - 0.30 above success: holds.
     assert lines[1] == ("| clip_delta-gae | clip_delta | 1 | gae | 0, 1, 2 | 30 | 3.0 | 0.25 -> 0.70 +- 0.17 "
-                        "| 5.0 -> 5.0 | 31.0 -> 31.0 | 0.00 -> 0.00 | 18 (15, 25, 15) | holds |")
+                        "| 5.0 -> 5.0 | 31.0 -> 31.0 | 0.00 -> 0.00 | 0.483 | 18 (15, 25, 15) | holds |")
     # no success run at lr 1e-4 to judge against (gae's success ran at 3e-5)
     assert lines[2] == ("| clip_delta-lr-s0 | clip_delta | 1 | gae | 0 | 30 | 3.0 | 0.20 -> 0.20 | 5.0 -> 5.0 "
-                        "| 30.0 -> 30.0 | 0.00 -> 0.00 | not reached | - |")
+                        "| 30.0 -> 30.0 | 0.00 -> 0.00 | 0.200 | not reached | - |")
 
     # A rerun of a seed is shown beside the first run, not averaged with it.
     (tmp_path / "copy").mkdir()
