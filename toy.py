@@ -320,6 +320,33 @@ def warm_start(cache_dir: str | Path, seed: int = 0, **overrides) -> Path:
     return folder
 
 
+def sft_batch(rng: random.Random, tokenizer, config: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`config["batch_size"]` fresh noisy solutions as (input_ids, attention_mask, labels), each [batch, width].
+
+    Right padding: positions start at 0 in every row, as they do in generate with left-padded prompts (position
+    ids come from the attention mask there). Labels are -100 except on the solution and its final eos.
+    """
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    rows = []
+    for _ in range(config["batch_size"]):
+        start, ops = sample_chain(rng, rng.randint(config["min_ops"], config["max_ops"]))
+        prompt = tokenizer.encode(data.format_prompt(tokenizer, expression(start, ops)))
+        solution = tokenizer.encode(write_solution(
+            start, ops, rng, config["slip_fraction"], config["redundant_fraction"],
+            config["step_slip_fraction"])) + [eos]
+        rows.append((prompt, solution))
+    width = max(len(p) + len(s) for p, s in rows)
+    input_ids = torch.full((len(rows), width), pad)
+    labels = torch.full((len(rows), width), -100)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (prompt, solution) in enumerate(rows):
+        ids = prompt + solution
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, len(prompt):len(ids)] = torch.tensor(solution)
+        attention_mask[row, :len(ids)] = 1
+    return input_ids, attention_mask, labels
+
+
 def _build_warm_start(out: Path, seed: int, config: dict) -> None:
     """Supervised fine-tune of a fresh Qwen2 on noisy generated solutions; writes the HF folder `out`.
 
@@ -352,25 +379,7 @@ def _build_warm_start(out: Path, seed: int, config: dict) -> None:
     rng = random.Random(f"toy-sft-{seed}")
     started, losses = time.perf_counter(), []
     for step in range(steps):
-        rows = []
-        for _ in range(config["batch_size"]):
-            start, ops = sample_chain(rng, rng.randint(config["min_ops"], config["max_ops"]))
-            prompt = tokenizer.encode(data.format_prompt(tokenizer, expression(start, ops)))
-            solution = tokenizer.encode(write_solution(
-                start, ops, rng, config["slip_fraction"], config["redundant_fraction"],
-                config["step_slip_fraction"])) + [eos]
-            rows.append((prompt, solution))
-        # Right padding for training: positions start at 0 in every row, as they do in generate with
-        # left-padded prompts (position ids come from the attention mask there).
-        width = max(len(p) + len(s) for p, s in rows)
-        input_ids = torch.full((len(rows), width), pad)
-        labels = torch.full((len(rows), width), -100)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, (prompt, solution) in enumerate(rows):
-            ids = prompt + solution
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            labels[row, len(prompt):len(ids)] = torch.tensor(solution)
-            attention_mask[row, :len(ids)] = 1
+        input_ids, attention_mask, labels = sft_batch(rng, tokenizer, config)  # each [batch_size, width]
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
