@@ -281,7 +281,7 @@ CI_SIZE = dict(hidden_size=64, intermediate_size=256, num_layers=2, sft_steps=10
 # The harder world (preset toy-hard): chains of 4-6 operations, and SFT solutions in which each step slips with
 # probability 0.2 (right 0.8^n of the time), so that the warm start is right 0.27 of the time when sampling and
 # 0.96 greedy on 200 held-out problems: it knows the arithmetic, but success is rare. One slip in 60% or 70% of
-# the solutions instead (the toy's kind of noise) gave 0.45 and 0.47 sampled: the model learns a per-step slip
+# the solutions instead (the toy's kind of noise) gave 0.445 and 0.465 sampled: the model learns a per-step slip
 # rate and applies it to every step, so success only falls as exp(-fraction). 0.25 per step gave 0.19.
 HARD_CONFIG = dict(FULL_CONFIG, min_ops=4, max_ops=6, slip_fraction=0.0, step_slip_fraction=0.2)
 # The worlds by the name their preset, model and data source use (ppo.TOY_WORLDS).
@@ -444,8 +444,8 @@ def measure(model_dir: str | Path, items: list[dict], *, greedy: bool, temperatu
 REPORT_WINDOW = 10  # "start" and "end" are the means of the first and the last this many PPO steps
 REPORT_COLUMNS = [("success", "reward/success"), ("steps per response", "response/steps"),
                   ("length (tokens)", "response/length"), ("truncated", "response/truncated")]
-DEFAULT_THRESHOLD = 0.5  # the sample-efficiency column: the first step whose REPORT_WINDOW-step mean success
-# reaches this
+# The sample-efficiency column: the first step whose REPORT_WINDOW-step mean success reaches this.
+DEFAULT_THRESHOLD = 0.5
 # config.json fields that differ between the seeds of one experiment (or say nothing about it): ignored when
 # runs are grouped.
 NOT_THE_EXPERIMENT = {"seed", "output_dir", "resume", "wandb_project", "wandb_entity", "cache_dir"}
@@ -556,7 +556,7 @@ def group_runs(runs: list[tuple[Path, dict, list[dict]]]) -> list[RunGroup]:
     return [group for _, group, _ in groups]
 
 
-FAIL_SUCCESS_DROP = 0.1  # a run "fails" when its end success is this far below `success` under its estimator,
+FAIL_SUCCESS_DROP = 0.1  # a run "fails" when its end success is this far below its `success` reference (verdict),
 FAIL_STEPS_GROWTH = 1.0  # ... or its steps per response grow by more than this from start to end
 
 
@@ -655,10 +655,9 @@ def plot(groups: list[RunGroup], path: Path) -> None:
                 label += f" (alpha {group.config['alpha']:g})"
             if len(group.runs) > 1:
                 label += f", {len(group.runs)} seeds"
-            length = min(len(rows) for rows in group.runs)  # the steps every seed has
-            steps = [r["step"] for r in group.runs[0][:length]]
+            steps = [r["step"] for r in group.runs[0]]  # group_runs cut every seed to the steps they all have
             for ax, key in ((ax_success, "reward/success"), (ax_steps, "response/steps")):
-                curves = [smoothed([r[key] for r in rows[:length]]) for rows in group.runs]
+                curves = [smoothed([r[key] for r in rows]) for rows in group.runs]
                 mean = [sum(values) / len(values) for values in zip(*curves)]
                 line, = ax.plot(steps, mean, label=label)
                 if len(curves) > 1:
