@@ -19,6 +19,9 @@ same layout (a dataset card with `configs:`, as on the hub) loads that folder th
 
 `datasets` is imported only when a named source is loaded: local files need nothing beyond the standard
 library (and `pyarrow` for .parquet).
+
+Batching for training: `micro_batches` groups a rollout's rows, length-sorted, under a token budget, and
+`collate` lays them out as a `MicroBatch` of [left-padded prompt | right-padded response] tensors.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from rewards import extract_boxed
 
@@ -445,6 +450,73 @@ class PromptSampler:
                                  f"{key} {state[key]!r}, this run has {mine[key]!r} (different data or seed)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
+
+
+# -------------------------------------------------------------------------------------------------
+# Micro-batches: length-sorted rows under a token budget
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MicroBatch:
+    """Rows of a rollout as [left-padded prompt (P columns) | right-padded response (R columns)] tensors,
+    with the rollout's per-token fields cut to R columns ([n, R]; None where the rollout has none)."""
+
+    rows: list[int]  # which rollout rows, in this order
+    input_ids: torch.Tensor  # [n, P + R]
+    attention_mask: torch.Tensor  # [n, P + R] 1 on prompt and response tokens
+    position_ids: torch.Tensor  # [n, P + R] counting from each row's first prompt token
+    prompt_width: int  # P
+    mask: torch.Tensor | None = None
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        """[n, R]"""
+        return self.input_ids[:, self.prompt_width:]
+
+
+PER_TOKEN_FIELDS = ("mask", "old_logp", "ref_logp", "values", "advantages", "returns")
+
+
+def micro_batches(indices: list[int], prompt_lens: list[int], response_lens: list[int], token_budget: int) -> list[list[int]]:
+    """Split rows into lists of row indices, sorted by length, so that rows * (widest prompt + widest response)
+    <= budget. Sorting keeps similar lengths together, so the padding inside a micro-batch stays small."""
+    order = sorted(indices, key=lambda i: (prompt_lens[i] + response_lens[i], i))
+    chunks, current, p_max, r_max = [], [], 0, 0
+    for i in order:
+        p, r = max(p_max, prompt_lens[i]), max(r_max, response_lens[i])
+        if current and (len(current) + 1) * (p + r) > token_budget:
+            chunks.append(current)
+            current, p, r = [], prompt_lens[i], response_lens[i]
+        current.append(i)
+        p_max, r_max = p, r
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def collate(rollout, rows: list[int], pad_id: int, device) -> MicroBatch:
+    """Rows `rows` of a rollout (ppo.Rollout, or anything with `prompt_ids`, `response_ids` and optionally the
+    per-token fields [B, R]) as a MicroBatch on `device`."""
+    prompts = [rollout.prompt_ids[i] for i in rows]
+    responses = [rollout.response_ids[i] for i in rows]
+    P, R = max(len(p) for p in prompts), max(max(len(r) for r in responses), 1)
+    input_ids = torch.full((len(rows), P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[row, P - len(p):P] = torch.tensor(p)
+        input_ids[row, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+        attention_mask[row, P - len(p):P + len(r)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    per_token = {key: getattr(rollout, key, None) for key in PER_TOKEN_FIELDS}
+    per_token = {key: value[rows, :R].to(device) for key, value in per_token.items() if value is not None}
+    return MicroBatch(rows=rows, input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                      position_ids=position_ids.to(device), prompt_width=P, **per_token)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,10 @@ ppo.py calls `evaluate` every `--eval-every` steps on a fixed subset, on every r
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,11 +37,7 @@ from tqdm.auto import tqdm
 import data
 import models
 import rewards
-
-
-def arg(default, help: str):
-    """A config field whose one-line help is the `--help` text."""
-    return field(default=default, metadata={"help": help})
+from cli import arg, config_parser
 
 
 @dataclass
@@ -63,19 +58,6 @@ class EvalConfig:
     answer_timeout: float = arg(10.0, "seconds before an answer check is killed and counted incorrect")
     output_dir: str = arg("runs/eval", "where results.json and responses.jsonl go")
     trust_remote_code: bool = arg(False, "allow model code from the hub")
-
-
-def config_parser(config_class, description: str) -> argparse.ArgumentParser:
-    """argparse built from a config dataclass: one flag per field, help = the field's doc (ppo.py uses it too)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float}.get(f.type.removesuffix(" | None"), str)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    return parser
 
 
 def parse_config(argv: list[str] | None = None) -> EvalConfig:
@@ -192,22 +174,41 @@ def evaluate(
         raise ValueError("evaluate: no problems")
     if samples > 1 and temperature == 0:
         raise ValueError(f"evaluate: {samples} greedy samples would all be the same response; use temperature > 0")
-    generate_fn = generate_fn or models.generate
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     prompts, _ = data.tokenize_prompts(tokenizer, problems)
     stop_ids = models.stop_token_ids(model, tokenizer)
+    batches = _batches_longest_first(prompts, samples, batch_size)
+    local = _generate_rank_share(model, tokenizer, prompts, batches, generate_fn or models.generate,
+                                 stop_ids=stop_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 seed=seed, rank=rank, world=world, progress=progress)
+    graded, timeouts = _grade(local, prompts, tokenizer, checker, stop_ids)
+    graded, timeouts = _gather_over_ranks(graded, timeouts, world)
+    records = _problem_records(prompts, samples, graded)
+    return {**summarize(records), "answer_timeouts": timeouts, "records": records}
 
-    # Every (problem, sample) pair, longest prompt first: similar lengths share a batch (little padding) and a
-    # batch that does not fit in memory fails at once. The order depends on nothing but the problems.
+
+def _batches_longest_first(prompts: list[dict], samples: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """Every (problem index, sample index) pair, in batches of `batch_size`, longest prompt first.
+
+    Similar lengths share a batch (little padding) and a batch that does not fit in memory fails at once. The
+    order depends on nothing but the prompts, so batch b is the same batch for any number of ranks.
+    """
     items = sorted(((i, s) for i in range(len(prompts)) for s in range(samples)),
                    key=lambda item: -len(prompts[item[0]]["prompt_ids"]))
-    batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
-    rounds = math.ceil(len(batches) / world)
+    return [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
 
+
+def _generate_rank_share(model, tokenizer, prompts, batches, generate_fn, *, stop_ids, max_new_tokens, temperature,
+                         seed, rank, world, progress) -> list[tuple[int, int, list[int]]]:
+    """(problem index, sample index, response ids) for this rank's batches: b = rank, rank + world, ...
+
+    Every rank runs the same number of rounds (a rank past the last batch repeats it and discards the result),
+    batch b samples with seed + b, and the caller's RNG state is restored afterwards.
+    """
     device = next(model.parameters()).device
-    local = []  # (problem index, sample index, response ids) of this rank's batches
+    local = []
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for r in tqdm(range(rounds), desc="eval", disable=not progress or rank != 0):
+        for r in tqdm(range(math.ceil(len(batches) / world)), desc="eval", disable=not progress or rank != 0):
             b = r * world + rank
             batch = batches[min(b, len(batches) - 1)]
             torch.manual_seed(seed + b)
@@ -216,20 +217,35 @@ def evaluate(
                                     greedy=temperature == 0)
             if b < len(batches):
                 local.extend((i, s, ids) for (i, s), ids in zip(batch, responses))
+    return local
 
+
+def _grade(local, prompts: list[dict], tokenizer, checker, stop_ids) -> tuple[list[tuple], int]:
+    """This rank's graded rows and the answer checks that timed out on them.
+
+    One row per response of `local`: (problem index, sample index, text, extracted answer, correct, truncated,
+    response tokens). A response is truncated when it does not end with a stop token.
+    """
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for _, _, ids in local]
     timeouts_before = checker.timeouts
     verdicts = checker(texts, [prompts[i]["answer"] for i, _, _ in local]) if local else []
     stop = set(stop_ids)
     graded = [(i, s, text, rewards.extract_boxed(text), bool(ok), not ids or ids[-1] not in stop, len(ids))
               for (i, s, ids), text, ok in zip(local, texts, verdicts)]
-    timeouts = checker.timeouts - timeouts_before
-    if world > 1:
-        shards = [None] * world
-        dist.all_gather_object(shards, (graded, timeouts))
-        graded = [row for shard, _ in shards for row in shard]
-        timeouts = sum(t for _, t in shards)
+    return graded, checker.timeouts - timeouts_before
 
+
+def _gather_over_ranks(graded: list[tuple], timeouts: int, world: int) -> tuple[list[tuple], int]:
+    """Every rank's graded rows and the total answer-check timeouts, on every rank (as they are for one rank)."""
+    if world == 1:
+        return graded, timeouts
+    shards = [None] * world
+    dist.all_gather_object(shards, (graded, timeouts))
+    return [row for shard, _ in shards for row in shard], sum(t for _, t in shards)
+
+
+def _problem_records(prompts: list[dict], samples: int, graded: list[tuple]) -> list[dict]:
+    """One record per problem, in problem order, with its `samples` graded responses in sample order."""
     records = []
     for i, p in enumerate(prompts):
         record = {"index": i, **{k: p[k] for k in ("source", "subject", "level") if k in p},
@@ -241,7 +257,7 @@ def evaluate(
         r = records[i]
         r["responses"][s], r["extracted"][s], r["correct"][s] = text, extracted, ok
         r["truncated"][s], r["response_tokens"][s] = truncated, n_tokens
-    return {**summarize(records), "answer_timeouts": timeouts, "records": records}
+    return records
 
 
 # -------------------------------------------------------------------------------------------------

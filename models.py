@@ -14,15 +14,21 @@ a folder, loadable with `from_pretrained`; the `tiny` preset and the tests use i
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 # -------------------------------------------------------------------------------------------------
 # Loading
@@ -182,6 +188,73 @@ def generate(
     return responses
 
 
+# -------------------------------------------------------------------------------------------------
+# Per-token log-probs and values of a micro-batch (data.MicroBatch), in fp32
+# -------------------------------------------------------------------------------------------------
+
+
+def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_rows: int = 1024):
+    """log softmax(logits / T)[target] in fp32, `chunk_rows` rows at a time.
+
+    logits [N, V] (any dtype), targets [N] -> [N] fp32. With a 152k vocabulary an fp32 copy of all logits
+    would be the largest tensor of the step; each chunk is cast, reduced and (under autograd) recomputed in
+    the backward pass instead of being kept.
+    """
+    out = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk = (logits[start:start + chunk_rows], targets[start:start + chunk_rows], temperature)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *chunk, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(*chunk))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, temperature: float, chunk_rows: int = 1024) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per row, fp32, chunked: logits [N, V] -> [N]. For logging only."""
+    out = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        logp = F.log_softmax(logits[start:start + chunk_rows].float() / temperature, dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+def response_logprobs(model, batch, temperature: float, with_entropy: bool = False):
+    """Log-probs of the response tokens under `model`, temperature-scaled: -> [n, R] (and entropy [n, R]).
+
+    The batch is laid out [left-padded prompt (P columns) | right-padded response (R columns)]. Logits at
+    position t predict token t+1, so response token i is scored by the logits at column P-1+i, i.e. columns
+    P-1 .. P+R-2. Example, P=3, R=2:
+        columns   0    1    2    3    4
+        tokens    pad  q1   q2   a1   a2
+        logits at column 2 score a1, column 3 scores a2 (column 4 would predict past the end).
+    """
+    n, width = batch.input_ids.shape
+    R = width - batch.prompt_width
+    # Only the R columns that score response tokens go through the LM head (no [n, width, vocab] tensor).
+    columns = torch.arange(width - R - 1, width - 1, device=batch.input_ids.device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, use_cache=False, logits_to_keep=columns).logits
+    flat = logits.reshape(n * R, -1)
+    logp = token_logprobs(flat, batch.response_ids.reshape(-1), temperature).view(n, R)
+    if not with_entropy:
+        return logp
+    return logp, token_entropy(flat.detach(), temperature).view(n, R)
+
+
+def response_values(critic, batch) -> torch.Tensor:
+    """Critic values of the states before each response token: column P-1+i for token i -> [n, R] fp32."""
+    P, R = batch.prompt_width, batch.response_ids.shape[1]
+    values = critic(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    return values[:, P - 1:P - 1 + R]
+
+
 class Critic(nn.Module):
     """Value model: a transformer backbone with a scalar head, V(state before token t) for every position.
 
@@ -206,13 +279,13 @@ class Critic(nn.Module):
         return (hidden @ self.value_head.weight[0] + self.value_head.bias).float()
 
     @classmethod
-    def load(cls, name: str, *, flag: str, dtype=torch.float32, device="cpu", trust_remote_code=False) -> "Critic":
-        """From a policy checkpoint (fresh zero head) or from a critic folder written by `save` (its head too)."""
+    def load(cls, name: str, *, flag: str, device="cpu", trust_remote_code=False) -> "Critic":
+        """From a policy checkpoint (fresh zero head) or from a critic folder written by `save` (its head too).
+        Weights in fp32: the critic is trained."""
         from safetensors.torch import load_file
 
-        backbone = load_model(name, "AutoModel", flag=flag, dtype=dtype, device=device,
-                              trust_remote_code=trust_remote_code)
-        critic = cls(backbone).to(device=device, dtype=dtype)
+        backbone = load_model(name, "AutoModel", flag=flag, device=device, trust_remote_code=trust_remote_code)
+        critic = cls(backbone).to(device=device)
         head = Path(name) / "value_head.safetensors"
         if head.is_file():
             critic.value_head.load_state_dict(load_file(str(head), device=str(device)))
@@ -227,6 +300,160 @@ class Critic(nn.Module):
         head_state = {k[len("value_head."):]: v.contiguous() for k, v in state.items() if k.startswith("value_head.")}
         self.backbone.save_pretrained(folder, state_dict=backbone_state, safe_serialization=True)
         save_file(head_state, str(Path(folder) / "value_head.safetensors"))
+
+
+# -------------------------------------------------------------------------------------------------
+# Reward models: the PRM and ORM loading rules
+# -------------------------------------------------------------------------------------------------
+
+# (good, bad, tag) token ids of the Math-Shepherd PRM as its model card reads them: a guard against a tokenizer
+# that loads differently (the scores would be silently wrong).
+MATH_SHEPHERD_IDS = {"peiyi9979/math-shepherd-mistral-7b-prm": (648, 387, 12902)}
+
+# Hub PRMs whose main branch has pickled weights only: the revision holding the hub's safetensors conversion,
+# used when --prm-revision is not given.
+PINNED_PRM_REVISIONS = {"peiyi9979/math-shepherd-mistral-7b-prm": "refs/pr/5"}
+
+PRM_FORMATS = ("step_tag", "token_classifier")
+
+
+def prm_format_of(config) -> str:
+    """"token_classifier" (Qwen2.5-Math-PRM: a token classifier, or the hub's own class) or "step_tag"
+    (Math-Shepherd: a causal LM scored at a tag token), read from a PRM's config."""
+    remote_code = "AutoModel" in (getattr(config, "auto_map", None) or {})
+    classifier = remote_code or any(a.endswith(("TokenClassification", "ProcessRewardModel"))
+                                    for a in config.architectures or [])
+    return "token_classifier" if classifier else "step_tag"
+
+
+def load_prm(spec: str, adapters: dict, *, prm_format: str = "auto", revision: str | None = None,
+             trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, device="cpu"):
+    """The PRM named by `spec` (`--prm`) as a callable `prm(questions, steps) -> scores`, frozen.
+
+    `spec` is a hub id or folder, or `module:function` (any callable with that interface, e.g. the toy's step
+    verifier). A model is wrapped by `adapters[format](model, tokenizer)` (ppo.py passes rewards.StepTagPRM and
+    rewards.TokenClassifierPRM); the format comes from the PRM's config unless `prm_format` names it.
+    """
+    if ":" in spec and not Path(spec).exists():
+        module_name, _, function_name = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError) as err:
+            raise SystemExit(f"--prm {spec}: cannot import {function_name} from {module_name} ({err})") from err
+    config = load_config(spec, "--prm", revision=revision)
+    remote_code = "AutoModel" in (getattr(config, "auto_map", None) or {})  # e.g. Qwen2.5-Math-PRM's own class
+    prm_format = prm_format_of(config) if prm_format == "auto" else prm_format
+    if prm_format == "token_classifier" and remote_code and not trust_remote_code:
+        raise SystemExit(f"--prm {spec} runs model code from the hub; pass --trust-remote-code if you trust it")
+    auto_class = {"step_tag": "AutoModelForCausalLM",
+                  "token_classifier": "AutoModel" if remote_code else "AutoModelForTokenClassification"}[prm_format]
+    tokenizer = load_tokenizer(spec, "--prm", trust_remote_code, revision=revision)
+    model = load_model(spec, auto_class, flag="--prm", dtype=dtype, device=device,
+                       trust_remote_code=remote_code and prm_format == "token_classifier", revision=revision)
+    prm = adapters[prm_format](model.requires_grad_(False), tokenizer)
+    expected = MATH_SHEPHERD_IDS.get(spec)
+    if expected and (prm.good_id, prm.bad_id, prm.tag_id) != expected:
+        raise SystemExit(f"--prm {spec}: its tokenizer gives ids {(prm.good_id, prm.bad_id, prm.tag_id)} for "
+                         f"'+', '-', 'ки', but the model card reads {expected}: the tokenizer loads differently here")
+    return prm
+
+
+def load_orm(spec: str, adapter, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+             device="cpu"):
+    """The ORM named by `spec` (`--orm`): a sequence classifier with one logit, frozen, wrapped by
+    `adapter(model, tokenizer)` (rewards.SequenceORM)."""
+    tokenizer = load_tokenizer(spec, "--orm", trust_remote_code)
+    model = load_model(spec, "AutoModelForSequenceClassification", flag="--orm", dtype=dtype, device=device,
+                       trust_remote_code=trust_remote_code)
+    if model.config.pad_token_id is None:  # sequence classifiers find each row's last token through it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return adapter(model.requires_grad_(False), tokenizer)
+
+
+# -------------------------------------------------------------------------------------------------
+# What a PPO run holds: its models (loaded, sharded), their optimisers
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a run holds on this rank, made once by `load_run`: its models, their optimisers, how to grade."""
+
+    policy: nn.Module  # trained; FSDP2-sharded on several ranks
+    reference: nn.Module  # frozen copy of the initial policy: the KL anchor
+    critic: Critic | None  # trained value model; None under a critic-free --advantage
+    tokenizer: Any
+    prm: Callable | None  # prm(questions, steps) -> one score in [0, 1] per step; None without step rewards
+    orm: Callable | None  # orm(questions, responses) -> one score per response; only for --reward orm
+    optimizers: dict[str, tuple[torch.optim.Optimizer, Any]]  # "policy" (and "critic") -> (AdamW, LR schedule)
+    device: torch.device
+    rank: int
+    world: int
+    stop_ids: list[int]  # the token ids that end a response
+    autocast: Callable[[], contextlib.AbstractContextManager]  # bf16 autocast on one GPU, else a no-op
+    checker: Callable[[list[str], list[str]], list[bool]] | None = None  # the answer checker, set by ppo.main
+
+    def trained(self) -> dict[str, tuple[nn.Module, tuple[torch.optim.Optimizer, Any]]]:
+        """name -> (model, (optimiser, schedule)) for the policy and, with a critic, the critic."""
+        return {name: (model, self.optimizers[name]) for name, model in (("policy", self.policy), ("critic", self.critic))
+                if model is not None}
+
+
+def warmup_then_constant(optimizer, warmup_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+
+
+def load_run(cfg, rank: int, world: int, device: torch.device, *, with_critic: bool,
+             prm_adapters: dict | None, orm_adapter: Callable | None) -> Run:
+    """Load (and on several ranks shard) every model a PPO run needs and make the optimisers.
+
+    `cfg` is ppo.Config. The critic is loaded only `with_critic`, the PRM only with `prm_adapters` (see
+    `load_prm`), the ORM only with `orm_adapter`. Trained models in fp32 (bf16 compute on GPU). Frozen ones in bf16
+    under FSDP2 (the same numbers as the policy's bf16 all-gather) and for the PRM/ORM; a single GPU keeps the
+    reference in fp32 under autocast like the policy, so that KL is exactly 0 at the first step.
+    """
+    gpu = device.type == "cuda"
+    load_device = torch.device("cpu") if world > 1 else device
+
+    def place(model: nn.Module, trained: bool) -> nn.Module:
+        if world > 1:
+            shard(model, trained=trained, gpu=gpu)
+        return model.to(device)
+
+    remote = cfg.trust_remote_code
+    tokenizer = load_tokenizer(cfg.model, "--model", remote)
+    policy = load_model(cfg.model, flag="--model", device=load_device, trust_remote_code=remote)
+    critic = None
+    if with_critic:
+        critic = Critic.load(cfg.critic or cfg.model, flag="--critic" if cfg.critic else "--model",
+                             device=load_device, trust_remote_code=remote)
+    for model in (policy, critic.backbone if critic else None):
+        if model is not None and cfg.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    policy = place(policy, trained=True)
+    critic = place(critic, trained=True) if critic is not None else None
+    reference = place(load_model(cfg.model, flag="--model", dtype=torch.bfloat16 if gpu and world > 1 else torch.float32,
+                                 device=load_device, trust_remote_code=remote).requires_grad_(False), trained=False)
+    scorer_dtype = torch.bfloat16 if gpu else torch.float32
+    prm = orm = None
+    if prm_adapters is not None:
+        prm = load_prm(cfg.prm, prm_adapters, prm_format=cfg.prm_format, revision=cfg.prm_revision,
+                       trust_remote_code=remote, dtype=scorer_dtype, device=load_device)
+    if orm_adapter is not None:
+        orm = load_orm(cfg.orm, orm_adapter, trust_remote_code=remote, dtype=scorer_dtype, device=load_device)
+    for scorer in (prm, orm):
+        if isinstance(getattr(scorer, "model", None), nn.Module):
+            scorer.model = place(scorer.model, trained=False)
+    optimizers = {}
+    for name, model, lr in (("policy", policy, cfg.policy_lr), ("critic", critic, cfg.critic_lr)):
+        if model is not None:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+            optimizers[name] = (optimizer, warmup_then_constant(optimizer, cfg.warmup_steps))
+    # One GPU: autocast gives bf16 compute over fp32 weights (under FSDP2 its mixed precision does that).
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu and world == 1 else contextlib.nullcontext
+    return Run(policy=policy, reference=reference, critic=critic, tokenizer=tokenizer, prm=prm, orm=orm,
+               optimizers=optimizers, device=device, rank=rank, world=world,
+               stop_ids=stop_token_ids(policy, tokenizer), autocast=autocast)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -398,6 +625,25 @@ def end_distributed() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Sum (or `op`) over ranks, on the device the backend needs (NCCL: the GPU); returns x's device. A no-op in
+    a single process."""
+    if not dist.is_initialized():
+        return x
+    y = x.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(y, op=op)
+    return y.to(x.device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def shard(model: nn.Module, *, trained: bool, gpu: bool) -> None:

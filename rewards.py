@@ -41,6 +41,7 @@ from __future__ import annotations
 import atexit
 import bisect
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -50,7 +51,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -403,53 +404,67 @@ def step_end_indices(token_ids: list[int], tokenizer, delimiter: str = "\n\n") -
         raise ValueError("--step-delimiter must not be empty")
     token_ids = [int(t) for t in token_ids]
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    step_char_ends = _step_char_ends(text, delimiter)
+    if not step_char_ends:
+        return []
+    token_char_ends = _token_char_ends(token_ids, tokenizer, text)
+    indices = []
+    for chars in step_char_ends[:-1]:
+        lo = indices[-1] if indices else 0
+        if token_char_ends is not None:
+            indices.append(bisect.bisect_left(token_char_ends, chars, lo))
+        else:
+            indices.append(_first_token_completing(token_ids, tokenizer, text, chars, lo))
+    indices.append(len(token_ids) - 1)
+    return indices
 
-    # Character position just after the delimiter that follows each kept step.
-    step_char_ends = []
+
+def _step_char_ends(text: str, delimiter: str) -> list[int]:
+    """The character position just after the delimiter that follows each step of `split_steps(text, delimiter)`.
+
+        _step_char_ends("a\\n\\n\\n\\nb", "\\n\\n") -> [3, 8]   (the empty part between is no step)
+    """
+    ends = []
     position = 0
     for part in text.split(delimiter):
         position += len(part)
         if part.strip():
-            step_char_ends.append(position + len(delimiter))
+            ends.append(position + len(delimiter))
         position += len(delimiter)
-    if not step_char_ends:
-        return []
+    return ends
 
-    # Fast path: when the tokens decoded one by one concatenate to the text (byte-level BPE with no
-    # character split across tokens), token i ends at the running sum of the piece lengths. The Rust
-    # tokenizer behind a fast HF tokenizer decodes them ~20x faster than `batch_decode`.
+
+def _token_char_ends(token_ids: list[int], tokenizer, text: str) -> list[int] | None:
+    """The number of characters of `text` decoded by tokens 0..i, for each token i, when that is exact; else None.
+
+    It is exact when the tokens decoded one by one concatenate to the text (byte-level BPE with no character
+    split across tokens): token i then ends at the running sum of the piece lengths. The Rust tokenizer
+    behind a fast HF tokenizer decodes the pieces ~20x faster than `batch_decode`.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         pieces = backend.decode_batch([[t] for t in token_ids], skip_special_tokens=True)
     else:
         pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in token_ids]
-    if "".join(pieces) == text:
-        token_char_ends = []
-        total = 0
-        for piece in pieces:
-            total += len(piece)
-            token_char_ends.append(total)
+    if "".join(pieces) != text:
+        return None
+    return list(itertools.accumulate(len(piece) for piece in pieces))
 
-        def first_token_covering(chars: int, lo: int) -> int:
-            return bisect.bisect_left(token_char_ends, chars, lo)
-    else:
-        # Exact path: binary search on decoded prefixes. A prefix that ends inside a multi-byte character
-        # decodes to a replacement character there, so it does not yet agree with the text at that position.
-        def first_token_covering(chars: int, lo: int) -> int:
-            hi = len(token_ids) - 1
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if tokenizer.decode(token_ids[: mid + 1], skip_special_tokens=True).startswith(text[:chars]):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            return lo
 
-    indices = []
-    for chars in step_char_ends[:-1]:
-        indices.append(first_token_covering(chars, indices[-1] if indices else 0))
-    indices.append(len(token_ids) - 1)
-    return indices
+def _first_token_completing(token_ids: list[int], tokenizer, text: str, chars: int, lo: int) -> int:
+    """The first token index >= lo whose decoded prefix agrees with `text` on its first `chars` characters.
+
+    A binary search on decoded prefixes. A prefix that ends inside a multi-byte character decodes to a
+    replacement character there, so it does not yet agree with the text at that position.
+    """
+    hi = len(token_ids) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tokenizer.decode(token_ids[: mid + 1], skip_special_tokens=True).startswith(text[:chars]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 # -------------------------------------------------------------------------------------------------
@@ -703,7 +718,6 @@ STEP_TRANSFORMS: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {
     "clip_delta": lambda scores, cfg: clip_delta_rewards(scores, cfg.eta),
     "minform": lambda scores, cfg: minform_rewards(scores, cfg.minform_temperature),
 }
-REWARD_CHOICES = ["success", "orm", *STEP_TRANSFORMS]
 
 
 def transform_steps(step_scores: list[list[float]], reward: str, cfg) -> list[torch.Tensor]:
@@ -713,9 +727,6 @@ def transform_steps(step_scores: list[list[float]], reward: str, cfg) -> list[to
     """
     if reward in ("success", "orm"):
         return [torch.zeros(0) for _ in step_scores]
-    if reward not in STEP_TRANSFORMS:
-        choices = ", ".join(["success", "orm", *STEP_TRANSFORMS])
-        raise ValueError(f"--reward {reward!r} is unknown; choose one of: {choices}")
     transformed = []
     for scores in step_scores:
         out = STEP_TRANSFORMS[reward](torch.tensor(scores, dtype=torch.float32), cfg)
@@ -784,7 +795,7 @@ class RolloutRewards:
         outcome    [B]      success + alpha * ORM score, paid on each response's last token
         steps      [K_b]    per response: its transformed step scores u before alpha (`transform_steps`)
         step_ends  K_b ints per response: the token that ends each step, where alpha * u is paid
-        kl         [B, T]   logp - logp_ref of the sampling policy per token (0 off the mask); reward -beta * kl
+        kl         [B, T]   KL penalty per token before beta (0 off the mask); reward -beta * kl
     """
 
     outcome: torch.Tensor
@@ -795,13 +806,17 @@ class RolloutRewards:
     beta: float
 
     @classmethod
-    def of_rollout(cls, rollout: dict, cfg) -> "RolloutRewards":
-        """From a scored rollout (`success`, `orm_scores` [B], `step_scores`, `step_ends`, `old_logp`,
-        `ref_logp`, `mask`); cfg gives the reward name, alpha, beta and the transforms' parameters."""
-        steps = transform_steps(rollout["step_scores"], cfg.reward, cfg)
-        ends = rollout["step_ends"] if cfg.reward in STEP_TRANSFORMS else [[] for _ in steps]
-        kl = (rollout["old_logp"] - rollout["ref_logp"]) * rollout["mask"]
-        outcome = rollout["success"] + cfg.alpha * rollout["orm_scores"]
+    def of_rollout(cls, rollout, cfg, kl: torch.Tensor | None = None) -> "RolloutRewards":
+        """From a scored rollout (ppo.Rollout, or a mapping with the same names: `success`, `orm_scores` [B],
+        `step_scores`, `step_ends`, `old_logp`, `ref_logp`, `mask`); cfg gives the reward name, alpha, beta and
+        the transforms' parameters. `kl` [B, T] is the per-token KL penalty before beta (ppo.py passes the
+        --kl-estimator's, or zeros when the KL is in the loss); None means k1, old_logp - ref_logp."""
+        field = rollout.__getitem__ if isinstance(rollout, Mapping) else rollout.__getattribute__
+        steps = transform_steps(field("step_scores"), cfg.reward, cfg)
+        ends = field("step_ends") if cfg.reward in STEP_TRANSFORMS else [[] for _ in steps]
+        if kl is None:
+            kl = (field("old_logp") - field("ref_logp")) * field("mask")
+        outcome = field("success") + cfg.alpha * field("orm_scores")
         return cls(outcome=outcome, steps=steps, step_ends=ends, kl=kl, alpha=cfg.alpha, beta=cfg.beta)
 
     @property

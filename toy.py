@@ -29,10 +29,10 @@ runs through exactly the code path of the real runs with no downloads.
 - The harder world (`--preset toy-hard`, HARD_CONFIG): the same task with 4-6 operations, and a warm start
   whose SFT solutions slip at each step with probability 0.2, so that sampled success starts near 0.27: where
   the success reward is rare, to see whether dense step credit speeds learning.
-- `python toy.py report RUN_DIR...` turns runs' metrics.jsonl into the ablation table and plot (seeds of one
-  experiment averaged on one row, with the first step that reaches a success rate);
-  `python toy.py warm-start [--world toy-hard]` builds the cache ahead of time and measures the warm start;
-  `python toy.py bench --advantage NAME` times scoring and the update of one saved toy rollout.
+- PRESETS: the ppo.py presets of the two worlds (`--preset toy`, `--preset toy-hard`), which ppo.py takes in.
+- `python toy.py warm-start [--world toy-hard] [--ci]` builds the cache ahead of time and measures the warm start
+  on 200 held-out problems (eval.evaluate, greedy and sampled). The table and plot of runs, and the timing of
+  one toy rollout's scoring and update, are in report.py (a script on top of ppo.py; toy.py imports no ppo).
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import data
+import eval as evaluation
 import models
 import rewards
 
@@ -284,8 +284,21 @@ CI_SIZE = dict(hidden_size=64, intermediate_size=256, num_layers=2, sft_steps=10
 # the solutions instead (the toy's kind of noise) gave 0.445 and 0.465 sampled: the model learns a per-step slip
 # rate and applies it to every step, so success only falls as exp(-fraction). 0.25 per step gave 0.19.
 HARD_CONFIG = dict(FULL_CONFIG, min_ops=4, max_ops=6, slip_fraction=0.0, step_slip_fraction=0.2)
-# The worlds by the name their preset, model and data source use (ppo.TOY_WORLDS).
+# The worlds by the name their preset, model and data source use (PRESETS; ppo.py reads both).
 WORLDS = {"toy": FULL_CONFIG, "toy-hard": HARD_CONFIG}
+# The ppo.py presets of the two worlds (ppo.PRESETS takes them in), by the same names as WORLDS.
+PRESETS: dict[str, dict] = {
+    # The CPU toy world: a step verifier as PRM, a warm-started character-level policy.
+    "toy": dict(model="toy", prm="toy:step_verifier", train_data="toy", eval_data="toy", prompts_per_step=16,
+                samples_per_prompt=4, max_new_tokens=64, temperature=1.0, ppo_epochs=2, ppo_minibatches=2,
+                policy_lr=3e-5, critic_lr=1e-4, warmup_steps=0, beta=0.02, alpha=1.0, eta=0.5, steps=120,
+                micro_batch_tokens=4096, gradient_checkpointing=False, log_samples_every=10, output_dir="runs/toy",
+                max_prompt_tokens=64),
+}
+# The harder toy world: 4-6 operations per problem and a warm start that succeeds about 0.3 of the time when
+# sampling (HARD_CONFIG), so that the success reward alone is rare and dense step credit can matter.
+PRESETS["toy-hard"] = dict(PRESETS["toy"], model="toy-hard", train_data="toy-hard", eval_data="toy-hard",
+                           max_new_tokens=128, output_dir="runs/toy-hard")
 # Bump when the task, the tokenizer or the training recipe changes, so that old caches are not reused.
 WARM_START_VERSION = 1
 
@@ -353,19 +366,46 @@ def _build_warm_start(out: Path, seed: int, config: dict) -> None:
     The loss is next-token cross-entropy on the solution tokens and the final eos only (not the prompt).
     Every batch is fresh data from the "sft" stream, so the model cannot memorise solutions.
     """
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig
 
     tokenizer = build_tokenizer()
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     torch.manual_seed(seed)
+    model = fresh_qwen2(tokenizer, config)
+    started = time.perf_counter()
+    losses = supervised_fine_tune(model, tokenizer, seed, config)
+    model.eval()
+    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id],
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "toy.json").write_text(json.dumps({
+        "version": WARM_START_VERSION, "seed": seed, **config,
+        "sft_seconds": round(time.perf_counter() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+        "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+    }, indent=2) + "\n")
+
+
+def fresh_qwen2(tokenizer, config: dict):
+    """A randomly initialised Qwen2ForCausalLM of the configuration's size over the toy vocabulary, in train mode
+    (its initial weights come from torch's global RNG: seed it first)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     model = Qwen2ForCausalLM(Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_layers"],
         num_attention_heads=config["num_heads"], num_key_value_heads=config["num_heads"],
         max_position_embeddings=256, tie_word_embeddings=True, rope_theta=10000.0,
-        attention_dropout=0.0, bos_token_id=None, eos_token_id=eos, pad_token_id=pad,
+        attention_dropout=0.0, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     ))
     model.train()
+    return model
+
+
+def supervised_fine_tune(model, tokenizer, seed: int, config: dict) -> list[float]:
+    """`config["sft_steps"]` AdamW steps on fresh `sft_batch`es (lr `config["lr"]`, linear warm-up then cosine
+    decay to 0, gradients clipped at norm 1); logs the recent loss ten times and returns every step's loss."""
     steps, lr = config["sft_steps"], config["lr"]
     warmup = max(1, min(100, steps // 10))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -391,17 +431,7 @@ def _build_warm_start(out: Path, seed: int, config: dict) -> None:
             recent = sum(losses[-50:]) / len(losses[-50:])
             print(f"toy warm start: step {step + 1}/{steps} loss {recent:.4f} "
                   f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-
-    model.eval()
-    model.generation_config = GenerationConfig(eos_token_id=[eos], pad_token_id=pad)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "toy.json").write_text(json.dumps({
-        "version": WARM_START_VERSION, "seed": seed, **config,
-        "sft_seconds": round(time.perf_counter() - started, 1),
-        "torch_threads": torch.get_num_threads(),
-        "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
-    }, indent=2) + "\n")
+    return losses
 
 
 # -------------------------------------------------------------------------------------------------
@@ -409,307 +439,22 @@ def _build_warm_start(out: Path, seed: int, config: dict) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def measure(model_dir: str | Path, items: list[dict], *, greedy: bool, temperature: float = 1.0,
-            max_new_tokens: int = 64, batch_size: int = 100, seed: int = 0) -> dict:
-    """Success rate, steps per response, response length (tokens, eos included) and truncated fraction.
+def measure_policy(model_dir: str | Path, items: list[dict], *, temperature: float = 0.0, max_new_tokens: int = 64,
+                   batch_size: int = 100, seed: int = 0) -> dict:
+    """Success rate, steps per response, response length (tokens, eos included) and truncated fraction of the
+    policy in `model_dir` on `items`, one response each (`temperature` 0: greedy), by `eval.evaluate`.
 
     A truncated response (no eos within `max_new_tokens`) counts as a failure, as in PPO's success reward.
     """
     tokenizer = models.load_tokenizer(str(model_dir))
     model = models.load_model(str(model_dir)).eval()
-    stop_ids = models.stop_token_ids(model, tokenizer)
-    torch.manual_seed(seed)
-    success = steps = length = truncated = 0
-    for i in range(0, len(items), batch_size):
-        batch = items[i:i + batch_size]
-        prompts = [tokenizer.encode(data.format_prompt(tokenizer, item["problem"])) for item in batch]
-        responses = models.generate(model, prompts, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids,
-                                    max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy)
-        for item, ids in zip(batch, responses):
-            finished = bool(ids) and ids[-1] in stop_ids
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            success += finished and rewards.extract_boxed(text) == item["answer"]
-            steps += len(rewards.split_steps(text))
-            length += len(ids)
-            truncated += not finished
-    n = len(items)
-    return {"success": success / n, "steps": steps / n, "length": length / n, "truncated": truncated / n}
-
-
-# -------------------------------------------------------------------------------------------------
-# Ablation report
-# -------------------------------------------------------------------------------------------------
-
-REPORT_WINDOW = 10  # "start" and "end" are the means of the first and the last this many PPO steps
-REPORT_COLUMNS = [("success", "reward/success"), ("steps per response", "response/steps"),
-                  ("length (tokens)", "response/length"), ("truncated", "response/truncated")]
-# The sample-efficiency column: the first step whose REPORT_WINDOW-step mean success reaches this.
-DEFAULT_THRESHOLD = 0.5
-# config.json fields that differ between the seeds of one experiment (or say nothing about it): ignored when
-# runs are grouped.
-NOT_THE_EXPERIMENT = {"seed", "output_dir", "resume", "wandb_project", "wandb_entity", "cache_dir"}
-
-
-def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    """(config.json, the rows of metrics.jsonl) of one run, with errors that name the file and line."""
-    config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
-    for path in (config_path, metrics_path):
-        if not path.is_file():
-            raise SystemExit(f"report: {path} not found")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"report: {config_path}: {err}") from err
-    for key in ("reward", "alpha"):
-        if key not in config:
-            raise SystemExit(f"report: {config_path} has no '{key}'")
-    rows = []
-    for line_no, line in enumerate(metrics_path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"report: {metrics_path} line {line_no}: {err}") from err
-        missing = [key for key in ("step", *(k for _, k in REPORT_COLUMNS)) if key not in row]
-        if missing:
-            raise SystemExit(f"report: {metrics_path} line {line_no} lacks {missing}")
-        rows.append(row)
-    if not rows:
-        raise SystemExit(f"report: {metrics_path} has no rows")
-    return config, sorted(rows, key=lambda r: r["step"])
-
-
-def window_means(rows: list[dict], key: str) -> tuple[float, float]:
-    """Means of `key` over the first and the last REPORT_WINDOW rows (overlapping when a run is short)."""
-    first, last = rows[:REPORT_WINDOW], rows[-REPORT_WINDOW:]
-    return sum(r[key] for r in first) / len(first), sum(r[key] for r in last) / len(last)
-
-
-def first_step_reaching(rows: list[dict], threshold: float) -> int | None:
-    """The first PPO step at which the mean success of the last REPORT_WINDOW steps (a full window) reaches
-    `threshold`, or None. Example: success 0 at steps 1-10 and 1 from step 11 on reaches 0.5 at step 15
-    (steps 6-15 hold five ones)."""
-    success = [r["reward/success"] for r in rows]
-    for i in range(REPORT_WINDOW - 1, len(rows)):
-        if sum(success[i + 1 - REPORT_WINDOW:i + 1]) / REPORT_WINDOW >= threshold - 1e-9:  # rounding of sums
-            return rows[i]["step"]
-    return None
-
-
-@dataclass
-class RunGroup:
-    """The runs of one experiment, one per seed (see `experiment_key`), cut to the steps they all have."""
-    name: str  # the folders' common name without a seed suffix: success-gae-s0, success-gae-s1 -> success-gae
-    config: dict  # the first run's config.json
-    seeds: list[int]
-    runs: list[list[dict]]  # each run's metric rows, sorted by step
-
-    def means(self, key: str) -> tuple[float, float]:
-        """(start, end) window means of `key`, averaged over the seeds."""
-        pairs = [window_means(rows, key) for rows in self.runs]
-        return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
-
-    def end_spread(self, key: str) -> float:
-        """Sample standard deviation over the seeds of the end window mean of `key` (0 for one run)."""
-        ends = [window_means(rows, key)[1] for rows in self.runs]
-        if len(ends) < 2:
-            return 0.0
-        mean = sum(ends) / len(ends)
-        return math.sqrt(sum((e - mean) ** 2 for e in ends) / (len(ends) - 1))
-
-
-def experiment_key(config: dict, *also_ignored: str) -> str:
-    """What makes runs seeds of one experiment: their config.json without NOT_THE_EXPERIMENT (and
-    `also_ignored`); a toy warm start's folder counts without its seed and cache folder, since
-    `--preset toy --seed N` warms up per seed."""
-    kept = {k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT and k not in also_ignored}
-    warm = re.fullmatch(r"warm-seed\d+-(\w+)", Path(str(kept.get("model", ""))).name)
-    if warm:
-        kept["model"] = f"toy warm start {warm.group(1)}"
-    return json.dumps(kept, sort_keys=True)
-
-
-def group_runs(runs: list[tuple[Path, dict, list[dict]]]) -> list[RunGroup]:
-    """Runs of one experiment as one group each, in order of first appearance. A seed that a group already has
-    opens another group (a rerun is shown beside the first, not averaged with it)."""
-    groups: list[tuple[str, RunGroup, list[str]]] = []
-    for run_dir, config, rows in runs:
-        config.setdefault("advantage", "gae")  # runs that predate --advantage
-        key, seed = experiment_key(config), config.get("seed", 0)
-        found = next(((g, names) for k, g, names in groups if k == key and seed not in g.seeds), None)
-        group, names = found or (RunGroup(run_dir.name, config, [], []), [])
-        if found is None:
-            groups.append((key, group, names))
-        group.seeds.append(seed)
-        group.runs.append(rows)
-        names.append(run_dir.name)
-    for _, group, names in groups:
-        if len(names) > 1:
-            group.name = re.sub(r"[-_]s?\d*$", "", os.path.commonprefix(names)) or group.name
-        shortest = min(len(rows) for rows in group.runs)
-        if any(len(rows) > shortest for rows in group.runs):
-            print(f"report: {group.name}: its seeds ran {sorted({len(r) for r in group.runs})} steps; all are cut "
-                  f"to the first {shortest}", file=sys.stderr)
-            group.runs = [rows[:shortest] for rows in group.runs]
-    return [group for _, group, _ in groups]
-
-
-FAIL_SUCCESS_DROP = 0.1  # a run "fails" when its end success is this far below its `success` reference (verdict),
-FAIL_STEPS_GROWTH = 1.0  # ... or its steps per response grow by more than this from start to end
-
-
-def verdict(group: RunGroup, reference: RunGroup | None) -> str:
-    """"fails: ..." / "holds" against `reference`, the `success` runs of the same configuration but the reward
-    and alpha (so under the same estimator), "-" without them. Both sides are means over their seeds."""
-    steps_start, steps_end = group.means("response/steps")
-    reasons = [f"steps +{steps_end - steps_start:.1f}"] if steps_end - steps_start > FAIL_STEPS_GROWTH else []
-    if reference is None:
-        return "fails: " + reasons[0] if reasons else "-"
-    drop = reference.means("reward/success")[1] - group.means("reward/success")[1]
-    if drop > FAIL_SUCCESS_DROP + 1e-9:
-        reasons.insert(0, f"success -{drop:.2f}")
-    return "fails: " + ", ".join(reasons) if reasons else "holds"
-
-
-def steps_to_threshold(group: RunGroup, threshold: float) -> str:
-    """The sample-efficiency cell: the mean over seeds of `first_step_reaching`, then each seed's step."""
-    reached = [first_step_reaching(rows, threshold) for rows in group.runs]
-    each = ", ".join("not reached" if step is None else str(step) for step in reached)
-    if len(reached) == 1:
-        return each
-    if None in reached:
-        return f"{len(reached) - reached.count(None)} of {len(reached)} ({each})"
-    return f"{sum(reached) / len(reached):.0f} ({each})"
-
-
-def table_row(group: RunGroup, reference: RunGroup | None, threshold: float) -> list[str]:
-    config = group.config
-    alpha = "-" if config["reward"] == "success" else f"{config['alpha']:g}"
-    minutes = sum(sum(r.get("time/step", 0.0) for r in rows) for rows in group.runs) / len(group.runs) / 60
-    cells = [group.name, str(config["reward"]), alpha, config["advantage"], ", ".join(map(str, group.seeds)),
-             str(min(rows[-1]["step"] for rows in group.runs)), f"{minutes:.1f}"]
-    for _, key in REPORT_COLUMNS:
-        start, end = group.means(key)
-        digits = 1 if key in ("response/steps", "response/length") else 2
-        spread = f" +- {group.end_spread(key):.2f}" if key == "reward/success" and len(group.runs) > 1 else ""
-        cells.append(f"{start:.{digits}f} -> {end:.{digits}f}{spread}")
-    # The area under the learning curve: a second measure of how fast a reward teaches, over the whole run.
-    mean_success = sum(sum(r["reward/success"] for r in rows) / len(rows) for rows in group.runs) / len(group.runs)
-    return cells + [f"{mean_success:.3f}", steps_to_threshold(group, threshold), verdict(group, reference)]
-
-
-def report(run_dirs: list[Path], out: Path | None, threshold: float = DEFAULT_THRESHOLD) -> str:
-    """Markdown table of the runs, seeds of one experiment on one row (and a PNG plot beside `out` when
-    matplotlib is installed).
-
-    A row's numbers are means over its seeds; in the success cell, "+-" gives the sample standard deviation
-    of the end success over the seeds. "mean success" is over all steps of a run (the area under its curve).
-    "minutes" counts PPO steps only (model loading excluded), per run.
-    Runs without an `advantage` in config.json predate --advantage and read as `gae`. The last column judges
-    each row against the `success` row of the same configuration but the reward (see `verdict`).
-    """
-    groups = group_runs([(run_dir, *read_run(run_dir)) for run_dir in run_dirs])
-    success = {experiment_key(g.config, "reward", "alpha"): g for g in groups if g.config["reward"] == "success"}
-    header = ["run", "reward", "alpha", "advantage", "seeds", "PPO steps", "minutes",
-              *(name for name, _ in REPORT_COLUMNS), "mean success", f"steps to {threshold:g}", "verdict"]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for group in groups:
-        reference = None if group.config["reward"] == "success" else success.get(
-            experiment_key(group.config, "reward", "alpha"))
-        lines.append("| " + " | ".join(table_row(group, reference, threshold)) + " |")
-    table = "\n".join(lines) + "\n"
-    if out is None:
-        return table
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
-    try:
-        import matplotlib
-    except ImportError:
-        print("report: matplotlib is not installed (pip install -e '.[plot]'), no plot written", file=sys.stderr)
-        return table
-    plot(groups, out.with_suffix(".png"))
-    return table
-
-
-def plot(groups: list[RunGroup], path: Path) -> None:
-    """Success rate and steps per response against PPO step, one row of two panels per estimator: the mean over
-    a row's seeds, the range between its lowest and highest seed shaded."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def smoothed(values: list[float], width: int = 5) -> list[float]:  # one rollout's rate is noisy (+-0.06)
-        return [sum(values[max(0, i + 1 - width):i + 1]) / len(values[max(0, i + 1 - width):i + 1])
-                for i in range(len(values))]
-
-    estimators = list(dict.fromkeys(group.config["advantage"] for group in groups))
-    fig, axes = plt.subplots(len(estimators), 2, figsize=(11, 4 * len(estimators)), squeeze=False)
-    for (ax_success, ax_steps), estimator in zip(axes, estimators):
-        for group in groups:
-            if group.config["advantage"] != estimator:
-                continue
-            label = str(group.config["reward"])
-            if group.config["reward"] != "success":
-                label += f" (alpha {group.config['alpha']:g})"
-            if len(group.runs) > 1:
-                label += f", {len(group.runs)} seeds"
-            steps = [r["step"] for r in group.runs[0]]  # group_runs cut every seed to the steps they all have
-            for ax, key in ((ax_success, "reward/success"), (ax_steps, "response/steps")):
-                curves = [smoothed([r[key] for r in rows]) for rows in group.runs]
-                mean = [sum(values) / len(values) for values in zip(*curves)]
-                line, = ax.plot(steps, mean, label=label)
-                if len(curves) > 1:
-                    ax.fill_between(steps, [min(v) for v in zip(*curves)], [max(v) for v in zip(*curves)],
-                                    color=line.get_color(), alpha=0.2, linewidth=0)
-        suffix = f" [{estimator}]" if len(estimators) > 1 else ""
-        ax_success.set(xlabel="PPO step", ylabel="success rate (mean of 5 steps)" + suffix, ylim=(0, 1))
-        ax_steps.set(xlabel="PPO step", ylabel="steps per response (mean of 5 steps)" + suffix)
-        ax_steps.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# -------------------------------------------------------------------------------------------------
-# Timing one PPO step's scoring and update on a saved rollout
-# -------------------------------------------------------------------------------------------------
-
-
-def bench(advantage: str, rollout_path: Path, repeats: int, cache_dir: Path) -> dict[str, float]:
-    """Median seconds of `ppo.score` and `ppo.train_on_rollout` (rewards, advantages, update, metrics) over
-    `repeats` passes on one toy rollout (preset toy, clip_delta): the phases that a critic adds to.
-
-    The rollout (sampled responses and their grades, no scores) is sampled with seed 0 and saved to
-    `rollout_path` the first time, so every estimator is timed on the same responses.
-    """
-    import ppo
-
-    cfg = ppo.parse_config(["--preset", "toy", "--reward", "clip_delta", "--advantage", advantage,
-                            "--cache-dir", str(cache_dir), "--output-dir", tempfile.mkdtemp(prefix="toy-bench-")])
-    ppo.validate(cfg, world=1)
-    ppo.resolve_local_models(cfg, rank=0)
-    run = ppo.setup(cfg, 0, 1, torch.device("cpu"))
-    if not rollout_path.is_file():
-        with rewards.AnswerChecker(1, cfg.answer_timeout) as checker:
-            run.checker = checker
-            prompts, _ = data.tokenize_prompts(run.tokenizer, problems(cfg.prompts_per_step, seed=0), 64)
-            torch.manual_seed(0)
-            ro = ppo.rollout(cfg, prompts, run)
-        rollout_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v for k, v in ro.items() if k not in ("time", "old_logp", "ref_logp", "values")}, rollout_path)
-    saved = torch.load(rollout_path, weights_only=True)
-    times: dict[str, list[float]] = {"score": [], "update": []}
-    for _ in range(repeats):
-        ro = dict(saved, time={"time/rollout": 0.0, "time/score": 0.0})
-        start = time.perf_counter()
-        ppo.score(cfg, ro, run)
-        scored = time.perf_counter()
-        ppo.train_on_rollout(cfg, 1, ro, run)
-        times["score"].append(scored - start)
-        times["update"].append(time.perf_counter() - scored)
-    return {phase: sorted(t)[len(t) // 2] for phase, t in times.items()}
+    with rewards.AnswerChecker(num_workers=1) as checker:
+        result = evaluation.evaluate(model, tokenizer, items, checker=checker, temperature=temperature,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    records = result["records"]  # one response each: its text, verdict and truncation are the first of each list
+    return {"success": sum(r["correct"][0] and not r["truncated"][0] for r in records) / len(records),
+            "steps": sum(len(rewards.split_steps(r["responses"][0])) for r in records) / len(records),
+            "length": result["response_tokens"], "truncated": result["truncated"]}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -728,40 +473,18 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("--world", choices=sorted(WORLDS), default="toy", help="which toy world (default toy)")
     build.add_argument("--ci", action="store_true", help="the CI-sized model and SFT budget (CI_SIZE)")
     build.add_argument("--no-measure", action="store_true", help="only print the folder (build it if missing)")
-    rep = commands.add_parser("report", help="markdown table (and PNG plot) of PPO runs' metrics.jsonl")
-    rep.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    rep.add_argument("--out", type=Path, default=None,
-                     help="write the table here and the plot beside it (same name, .png); default: print the table")
-    rep.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                     help="success rate of the sample-efficiency column: the first step whose "
-                     f"{REPORT_WINDOW}-step mean reaches it (default {DEFAULT_THRESHOLD})")
-    timing = commands.add_parser("bench", help="median seconds of scoring and the update of one saved toy rollout")
-    timing.add_argument("--advantage", default="gae", help="the --advantage to time (default gae)")
-    timing.add_argument("--rollout", type=Path, default=Path("runs/toy-bench/rollout.pt"),
-                        help="the saved rollout; sampled (seed 0) and saved here when missing")
-    timing.add_argument("--repeats", type=int, default=10, help="passes over the rollout; the median is printed")
-    timing.add_argument("--cache-dir", type=Path, default=models.default_cache_dir())
     args = parser.parse_args(argv)
 
-    if args.command == "bench":
-        seconds = bench(args.advantage, args.rollout, args.repeats, args.cache_dir)
-        print(json.dumps({"advantage": args.advantage, **{f"seconds/{k}": round(v, 4) for k, v in seconds.items()}}))
-        return
-    if args.command == "report":
-        table = report(args.run_dirs, args.out, args.threshold)
-        print(table if args.out is None else f"wrote {args.out}", end="" if args.out is None else "\n")
-        return
     world = WORLDS[args.world]
     folder = warm_start(args.cache_dir, args.seed, **dict(world, **(CI_SIZE if args.ci else {})))
     print(folder, flush=True)
     if args.no_measure:
         return
-    import ppo
-
     held_out = problems(200, args.seed, "eval", world["min_ops"], world["max_ops"])
-    for greedy in (True, False):
-        stats = measure(folder, held_out, greedy=greedy, max_new_tokens=ppo.PRESETS[args.world]["max_new_tokens"])
-        print(("greedy " if greedy else "sampled (temperature 1) ")
+    for temperature in (0.0, 1.0):
+        stats = measure_policy(folder, held_out, temperature=temperature,
+                               max_new_tokens=PRESETS[args.world]["max_new_tokens"])
+        print(("greedy " if temperature == 0 else "sampled (temperature 1) ")
               + " ".join(f"{k} {v:.3f}" for k, v in stats.items()))
 
 

@@ -33,7 +33,7 @@ report_cells() {
     [ ! -s "$run/metrics.jsonl" ] || written+=" $run"
     [ ! -e "$run.failed" ] || failed=1
   done
-  [ -z "$written" ] || python toy.py report $written --out "$root/report.md" --threshold "$threshold"
+  [ -z "$written" ] || python report.py table $written --out "$root/report.md" --threshold "$threshold"
   return $failed
 }
 recipe=${1:-}
@@ -72,7 +72,7 @@ PY
       out="runs/toy-ablation/$reward"
       python ppo.py --preset toy --reward "$reward" --alpha 1 --output-dir "$out" $(resume_if_started "$out") "$@"
     done
-    python toy.py report runs/toy-ablation/{success,prm,clip,delta,clip_delta,minform} --out runs/toy-ablation/report.md ;;
+    python report.py table runs/toy-ablation/{success,prm,clip,delta,clip_delta,minform} --out runs/toy-ablation/report.md ;;
   toy-alpha)
     export OMP_NUM_THREADS=1
     for alpha in 0.5 0.2; do
@@ -81,7 +81,7 @@ PY
         python ppo.py --preset toy --reward "$reward" --alpha "$alpha" --output-dir "$out" $(resume_if_started "$out") "$@"
       done
     done
-    python toy.py report runs/toy-alpha/{prm,delta}-{0.5,0.2} --out runs/toy-alpha/report.md ;;
+    python report.py table runs/toy-alpha/{prm,delta}-{0.5,0.2} --out runs/toy-alpha/report.md ;;
   toy-estimators)
     # 6 rewards x 4 estimators with the toy ablation's seed, budget and learning rates; PARALLEL runs at once,
     # one thread each, each logging to <run>.log. A failed run leaves <run>.failed and stops nothing else; the

@@ -24,11 +24,11 @@ import ppo  # noqa: E402
 torch.set_num_threads(1)
 
 
-def rank_share(ro: dict, rank: int, world: int) -> dict:
-    """Rows [rank * B / world, (rank + 1) * B / world) of every per-response list and tensor."""
-    B = len(ro["response_ids"])
+def rank_share(saved: dict, rank: int, world: int) -> ppo.Rollout:
+    """Rows [rank * B / world, (rank + 1) * B / world) of every per-response list and tensor of a saved rollout."""
+    B = len(saved["response_ids"])
     lo, hi = rank * B // world, (rank + 1) * B // world
-    return {k: (v[lo:hi] if isinstance(v, (list, torch.Tensor)) else v) for k, v in ro.items()}
+    return ppo.Rollout(**{k: (v[lo:hi] if isinstance(v, (list, torch.Tensor)) else v) for k, v in saved.items()})
 
 
 def fingerprint(model) -> dict[str, float]:

@@ -6,12 +6,15 @@ a group with a single step reward, KL on every token.
 """
 
 import math
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import ppo
+import runlog
 from rewards import RolloutRewards
 
 EPS = 1e-6
@@ -119,13 +122,13 @@ def test_estimator_matches_plain_loop(name, case):
     alpha, beta = 0.5, 0.1
     reward, mask, groups_t, kl = make(lengths, outcome, steps, ends, alpha=alpha, beta=beta, groups=groups)
     cfg = SimpleNamespace(gamma=1.0, lam=1.0)
-    values = torch.zeros_like(mask) if name in ppo.NEEDS_CRITIC else None
+    values = torch.zeros_like(mask) if ppo.ESTIMATORS[name].needs_critic else None
     advantages, returns = ppo.ESTIMATORS[name](reward, values, mask, groups_t, cfg)
     expected = PLAIN[name](lengths, outcome, steps, ends, kl, alpha, beta, groups)
     assert advantages.shape == mask.shape and (advantages * (1 - mask)).abs().max() == 0  # 0 off the mask
     for i, row in enumerate(expected):
         assert advantages[i, :lengths[i]].tolist() == pytest.approx(row, abs=1e-5), (name, case, i)
-    assert (returns is None) == (name not in ppo.NEEDS_CRITIC)
+    assert (returns is None) == (not ppo.ESTIMATORS[name].needs_critic)
     if returns is not None:  # zero critic: the targets are the plain returns-to-go
         to_go = [plain_to_go(r) for r in plain_token_rewards(lengths, outcome, steps, ends, kl, alpha, beta)]
         for i, row in enumerate(to_go):
@@ -195,5 +198,14 @@ def test_grpo_normalises_step_rewards_before_alpha_over_the_group():
 
 def test_equal_outcome_groups_counts_groups_not_responses():
     outcome = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
-    assert ppo.equal_outcome_groups(outcome, torch.tensor([0, 0, 1, 1, 2, 2])) == 2
-    assert ppo.equal_outcome_groups(outcome, torch.tensor([5, 5, 5, 7, 7, 7])) == 0
+    assert runlog.equal_outcome_groups(outcome, torch.tensor([0, 0, 1, 1, 2, 2])) == 2
+    assert runlog.equal_outcome_groups(outcome, torch.tensor([5, 5, 5, 7, 7, 7])) == 0
+
+
+def test_readme_estimator_table_lists_the_registry():
+    """README's `--advantage` table: exactly the registry's names, each with its critic column."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Advantage estimators (`--advantage`)", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|") for line in section.splitlines() if re.match(r"\| `\w+`", line)]
+    table = {re.match(r" `(\w+)`", row[1]).group(1): row[3].strip() for row in rows}
+    assert table == {name: "yes" if e.needs_critic else "no" for name, e in ppo.ESTIMATORS.items()}

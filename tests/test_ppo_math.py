@@ -2,12 +2,19 @@
 
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import data
 import models
 import ppo
+
+
+def tokens(n: float) -> ppo.LossAggregation:
+    """The default aggregation (token-mean) of a minibatch of n valid tokens."""
+    return ppo.LossAggregation("token-mean", tokens=n, responses=1, max_new_tokens=1)
 
 
 def gae_reference(rewards, values, length, gamma, lam):
@@ -64,18 +71,18 @@ def test_policy_loss_by_hand_clipped_and_unclipped():
     logp = ratios.log()
     adv = torch.tensor([[1.0, 2.0, -1.0, 5.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    loss, clipped = ppo.policy_loss(logp, old, adv, mask, 0.2, num_tokens=3)
+    loss, clipped = ppo.policy_loss(logp, old, adv, mask, 0.2, tokens(3))
     expected = (-1.2 + -1.0 + 0.8) / 3  # per token: max(-A r, -A clip(r))
     assert loss.item() == pytest.approx(expected)
     assert clipped.item() == 2
     # Inactive clipping: ratio 1 everywhere gives -mean(A) and no clipped tokens.
-    loss, clipped = ppo.policy_loss(old, old, adv, mask, 0.2, num_tokens=3)
+    loss, clipped = ppo.policy_loss(old, old, adv, mask, 0.2, tokens(3))
     assert loss.item() == pytest.approx(-(1 + 2 - 1) / 3) and clipped.item() == 0
 
 
 def test_policy_loss_gradient_normalised_by_given_token_count():
     logp = torch.zeros(1, 2, requires_grad=True)
-    loss, _ = ppo.policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2), 0.2, num_tokens=8)
+    loss, _ = ppo.policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2), 0.2, tokens(8))
     loss.backward()
     assert logp.grad[0].tolist() == pytest.approx([-1 / 8, -1 / 8])
 
@@ -88,10 +95,10 @@ def test_value_loss_by_hand():
     # token 0: unclipped (1-0)^2 = 1, clipped V = 0.7 -> 0.49 -> max 1
     # token 1: unclipped 1, clipped V = 0 -> 1 -> 1
     # token 2: unclipped 0.0025, clipped V = 0.5 (within 0.2) -> 0.0025
-    loss = ppo.value_loss(values, old, returns, mask, 0.2, num_tokens=3)
+    loss = ppo.value_loss(values, old, returns, mask, 0.2, tokens(3))
     assert loss.item() == pytest.approx(0.5 * (1 + 1 + 0.0025) / 3)
     # clipping active: the clipped value is further from the return and wins the max
-    loss = ppo.value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[0.9]]), torch.ones(1, 1), 0.2, 1)
+    loss = ppo.value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[0.9]]), torch.ones(1, 1), 0.2, tokens(1))
     assert loss.item() == pytest.approx(0.5 * 0.7 ** 2)
 
 
@@ -100,12 +107,12 @@ def test_token_logprobs_chunked_equals_log_softmax_and_gradients():
     logits = torch.randn(37, 11, generator=gen, requires_grad=True)
     targets = torch.randint(0, 11, (37,), generator=gen)
     ref = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[:, None]).squeeze(-1)
-    out = ppo.token_logprobs(logits, targets, 0.7, chunk_rows=8)
+    out = models.token_logprobs(logits, targets, 0.7, chunk_rows=8)
     assert torch.allclose(out, ref, atol=1e-6)
     (g_out,) = torch.autograd.grad(out.sum(), logits)
     (g_ref,) = torch.autograd.grad(ref.sum(), logits)
     assert torch.allclose(g_out, g_ref, atol=1e-6)
-    entropy = ppo.token_entropy(logits, 0.7, chunk_rows=5)
+    entropy = models.token_entropy(logits, 0.7, chunk_rows=5)
     p = torch.softmax(logits / 0.7, -1)
     assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-5)
 
@@ -116,13 +123,13 @@ def test_response_logprobs_and_values_index_the_right_columns(tiny_paths):
     policy = models.load_model(str(tiny_paths["policy"]))
     critic = models.Critic.load(str(tiny_paths["policy"]), flag="--critic")
     torch.nn.init.normal_(critic.value_head.weight)  # a non-zero head, so the columns matter
-    rollout = dict(prompt_ids=[[5, 6, 7], [8, 9], [10, 11, 12, 13]],
-                   response_ids=[[20, 21, 2], [22], [23, 24, 25, 26, 27]])
-    batch = ppo.collate(rollout, [0, 1, 2], pad_id=0, device="cpu")
+    rollout = SimpleNamespace(prompt_ids=[[5, 6, 7], [8, 9], [10, 11, 12, 13]],
+                              response_ids=[[20, 21, 2], [22], [23, 24, 25, 26, 27]])
+    batch = data.collate(rollout, [0, 1, 2], pad_id=0, device="cpu")
     with torch.no_grad():
-        logp = ppo.response_logprobs(policy, batch, temperature=0.8)
-        values = ppo.response_values(critic, batch)
-        for row, (p, r) in enumerate(zip(rollout["prompt_ids"], rollout["response_ids"])):
+        logp = models.response_logprobs(policy, batch, temperature=0.8)
+        values = models.response_values(critic, batch)
+        for row, (p, r) in enumerate(zip(rollout.prompt_ids, rollout.response_ids)):
             ids = torch.tensor([p + r])
             full = torch.log_softmax(policy(ids).logits[0].float() / 0.8, -1)
             expected = [full[len(p) - 1 + i, tok].item() for i, tok in enumerate(r)]
@@ -135,8 +142,65 @@ def test_micro_batches_respect_budget_and_cover_everything():
     rng = random.Random(0)
     prompt_lens = [rng.randint(1, 30) for _ in range(50)]
     response_lens = [rng.randint(0, 60) for _ in range(50)]
-    groups = ppo.micro_batches(list(range(50)), prompt_lens, response_lens, token_budget=200)
+    groups = data.micro_batches(list(range(50)), prompt_lens, response_lens, token_budget=200)
     assert sorted(i for g in groups for i in g) == list(range(50))
     for g in groups:
         width = max(prompt_lens[i] for i in g) + max(response_lens[i] for i in g)
         assert len(g) == 1 or len(g) * width <= 200
+
+
+def test_kl_estimators_by_hand():
+    """log r = logp - ref_logp = 0.5 and -0.5: k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r."""
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.5])
+    assert ppo.KL_ESTIMATORS["k1"](logp, ref).tolist() == pytest.approx([0.5, -0.5])
+    assert ppo.KL_ESTIMATORS["k2"](logp, ref).tolist() == pytest.approx([0.125, 0.125])
+    assert ppo.KL_ESTIMATORS["k3"](logp, ref).tolist() == pytest.approx([math.exp(-0.5) - 0.5, math.exp(0.5) - 1.5])
+    # k3 is clamped (log r to +-20, k3 to <= 10): a token the reference finds near impossible cannot explode it
+    assert ppo.KL_ESTIMATORS["k3"](torch.tensor([-60.0]), torch.tensor([0.0])).item() == 10.0
+    # equal log-probs: every estimator is 0
+    assert all(ppo.KL_ESTIMATORS[k](ref, ref).abs().max() == 0 for k in ppo.KL_ESTIMATORS)
+
+
+def test_kl_gradients_in_the_loss_match_their_divergences():
+    """On a 3-token distribution, sampling every token with its probability (an exact expectation): the gradient
+    of E[k2] is that of KL(pi || ref), E[k3]'s that of KL(ref || pi), E[k1]'s is 0 (what --kl-in loss relies on)."""
+    theta = torch.tensor([0.3, -0.2, 0.5], requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([0.0, 0.4, -0.3]), -1)
+
+    def expected_grad(estimator):
+        logp = torch.log_softmax(theta, -1)
+        weights = logp.exp().detach()  # sampling probabilities: no gradient flows through the sampling
+        (grad,) = torch.autograd.grad((weights * ppo.KL_ESTIMATORS[estimator](logp, ref)).sum(), theta)
+        return grad
+
+    def divergence_grad(forward: bool):
+        logp = torch.log_softmax(theta, -1)
+        kl = (logp.exp() * (logp - ref)).sum() if forward else (ref.exp() * (ref - logp)).sum()
+        (grad,) = torch.autograd.grad(kl, theta)
+        return grad
+
+    torch.testing.assert_close(expected_grad("k2"), divergence_grad(forward=True))
+    torch.testing.assert_close(expected_grad("k3"), divergence_grad(forward=False))
+    torch.testing.assert_close(expected_grad("k1"), torch.zeros(3), atol=1e-7, rtol=0)
+
+
+def test_loss_aggregations_by_hand():
+    """LossAggregation's docstring example: token-mean 7/4, seq-mean-token-mean (1 + 4) / 2, Dr. GRPO (3/4 + 4/4) / 2."""
+    per_token = torch.tensor([[1.0, 1.0, 1.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    expected = {"token-mean": 1.75, "seq-mean-token-mean": 2.5, "seq-mean-token-sum-norm": 0.875}
+    assert set(expected) == set(ppo.LOSS_AGGREGATIONS)
+    for mode, value in expected.items():
+        aggregate = ppo.LossAggregation(mode, tokens=4, responses=2, max_new_tokens=4)
+        assert aggregate(per_token, mask).item() == pytest.approx(value)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_loss_aggregation_does_not_depend_on_micro_batching(mode):
+    """Summing the aggregates of any split of the rows gives the aggregate of the whole minibatch."""
+    gen = torch.Generator().manual_seed(0)
+    per_token = torch.randn(6, 5, generator=gen)
+    mask = (torch.arange(5)[None, :] < torch.tensor([5, 1, 3, 2, 4, 5])[:, None]).float()
+    aggregate = ppo.LossAggregation(mode, tokens=mask.sum().item(), responses=6, max_new_tokens=5)
+    split = sum(aggregate(per_token[rows], mask[rows]) for rows in ([0, 4], [1], [2, 3, 5]))
+    assert split.item() == pytest.approx(aggregate(per_token, mask).item(), abs=1e-6)

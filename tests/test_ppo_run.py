@@ -23,7 +23,7 @@ def run(cache_dir, out, *flags):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("reward", rewards.REWARD_CHOICES)
+@pytest.mark.parametrize("reward", ["success", "orm", *rewards.STEP_TRANSFORMS])
 def test_every_reward_runs_two_tiny_steps(cache_dir, tmp_path, reward):
     metrics = run(cache_dir, tmp_path, "--reward", reward, "--steps", "2")
     assert [m["step"] for m in metrics] == [1, 2]
@@ -64,7 +64,7 @@ def test_resume_gives_the_same_metrics_and_export_loads(cache_dir, tmp_path, adv
     assert (tmp_path / "a" / "critic").is_dir() == (advantage == "gae")
 
 
-@pytest.mark.parametrize("advantage", [a for a in ppo.ESTIMATORS if a not in ppo.NEEDS_CRITIC])
+@pytest.mark.parametrize("advantage", [a for a, e in ppo.ESTIMATORS.items() if not e.needs_critic])
 def test_a_critic_free_run_never_builds_or_calls_a_critic(cache_dir, tmp_path, monkeypatch, advantage):
     def no_critic(*args, **kwargs):
         raise AssertionError("a critic was built or called under a critic-free estimator")
@@ -87,12 +87,17 @@ def test_a_checkpoint_from_before_advantage_and_prm_revision_resumes_as_gae(cach
     run(cache_dir, tmp_path, "--steps", "1", "--reward", "delta")
     state_path = tmp_path / "checkpoints" / "step_1" / "state.json"
     state = json.loads(state_path.read_text())
-    for key in ("advantage", "prm_revision"):  # what a checkpoint written before these flags lacks
+    # what a checkpoint written before these flags lacks
+    for key in ("advantage", "prm_revision", "kl_estimator", "kl_in", "loss_agg"):
         del state["config"][key]
     state_path.write_text(json.dumps(state))
     assert [m["step"] for m in run(cache_dir, tmp_path, "--steps", "2", "--reward", "delta", "--resume")] == [1, 2]
     with pytest.raises(SystemExit, match="--advantage 'gae' \\(now 'grpo'\\)"):
         run(cache_dir, tmp_path, "--steps", "3", "--reward", "delta", "--advantage", "grpo", "--resume")
+    for flags, saved in ((["--kl-estimator", "k2"], "--kl-estimator 'k1'"), (["--loss-agg", "seq-mean-token-mean"],
+                         "--loss-agg 'token-mean'"), (["--kl-in", "loss", "--kl-estimator", "k3"], "--kl-in 'reward'")):
+        with pytest.raises(SystemExit, match=saved):  # they resume as k1 / reward / token-mean, and nothing else
+            run(cache_dir, tmp_path, "--steps", "3", "--reward", "delta", *flags, "--resume")
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(cache_dir, tmp_path):
@@ -102,7 +107,7 @@ def test_resume_refuses_a_checkpoint_from_another_config(cache_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--reward", "nonsense"], "--reward: unknown 'nonsense'"),
+    (["--reward", "nonsense"], "--reward: unknown 'nonsense'; choose one of success, orm, prm, clip, delta, clip_delta, minform"),
     (["--reward", "clip", "--prm", "none"], "--prm is none"),
     (["--reward", "orm", "--orm", "none"], "--reward orm needs --orm"),
     (["--prompts-per-step", "3", "--samples-per-prompt", "1", "--ppo-minibatches", "2"], "--ppo-minibatches 2 does not divide"),
@@ -112,6 +117,11 @@ def test_resume_refuses_a_checkpoint_from_another_config(cache_dir, tmp_path):
     (["--advantage", "ppo2"], "--advantage: unknown 'ppo2'; choose one of gae, grpo, rloo, reinforce_pp"),
     (["--advantage", "grpo", "--critic", "some/critic"], "--critic some/critic: --advantage grpo is critic-free"),
     (["--advantage", "rloo", "--samples-per-prompt", "1"], "--advantage rloo .* needs --samples-per-prompt >= 2"),
+    (["--kl-estimator", "k4"], "--kl-estimator: unknown 'k4'; choose one of k1, k2, k3"),
+    (["--kl-in", "value"], "--kl-in: unknown 'value'; choose one of reward, loss"),
+    (["--kl-in", "loss", "--kl-estimator", "k1"], "--kl-in loss --kl-estimator k1: k1's gradient in the loss is zero"),
+    (["--loss-agg", "seq-sum"], "--loss-agg: unknown 'seq-sum'; choose one of token-mean, seq-mean-token-mean, "
+                                "seq-mean-token-sum-norm"),
 ])
 def test_bad_input_is_named_before_any_work(cache_dir, tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -137,6 +147,11 @@ def test_help_lists_every_field_with_its_doc(capsys):
     for name in ("--reward", "--alpha", "--eta", "--beta", "--minform-temperature", "--resume", "--preset"):
         assert name in out
     assert "ReaLHF" in out and "unpickles" in out
+    # the registry flags list what their registries hold now, each with its one-line doc
+    for name, entry in ppo.ESTIMATORS.items():
+        assert f"{name} ({entry.doc})" in " ".join(out.split())
+    for name in [*ppo.KL_ESTIMATORS, *ppo.LOSS_AGGREGATIONS]:
+        assert f"{name} (" in " ".join(out.split())
 
 
 def test_preset_fills_fields_and_flags_override():
