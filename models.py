@@ -661,6 +661,16 @@ def shard(model: nn.Module, *, trained: bool, gpu: bool) -> None:
     fully_shard(model, mp_policy=mp)
 
 
+def reshard(model: nn.Module | None) -> None:
+    """Free the gathered parameters an FSDP2 root keeps after a forward (it expects a backward, which a no-grad
+    forward never has): called after scoring, so no phase carries a gathered embedding and LM head (GBs per rank
+    at 7B) into the next. A no-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 class gathered:
     """Context manager: all-gather an FSDP2 model's weights once, keep them for many forwards, reshard.
 

@@ -624,6 +624,8 @@ def score_tokens(cfg: Config, ro: Rollout, run: models.Run) -> None:
                 scores = (response_values(model, mb) if field == "values"
                           else response_logprobs(model, mb, cfg.temperature))
                 out[field][rows, :width] = scores.float().cpu()
+    for model in scorers.values():  # FSDP2 roots keep their parameters gathered after a forward: free them
+        models.reshard(model)
     for field, scores in out.items():
         setattr(ro, field, scores * ro.mask)
 

@@ -137,7 +137,8 @@ def group_runs(runs: list[tuple[Path, dict, list[dict]]]) -> list[RunGroup]:
     opens another group (a rerun is shown beside the first, not averaged with it)."""
     groups: list[tuple[str, RunGroup, list[str]]] = []
     for run_dir, config, rows in runs:
-        config.setdefault("advantage", "gae")  # runs that predate --advantage
+        for field, value in ppo.BEFORE_THE_FLAG.items():  # runs that predate --advantage, --kl-in, ...
+            config.setdefault(field, value)
         key, seed = experiment_key(config), config.get("seed", 0)
         found = next(((g, names) for k, g, names in groups if k == key and seed not in g.seeds), None)
         group, names = found or (RunGroup(run_dir.name, config, [], []), [])

@@ -500,23 +500,42 @@ def _forward_logits(model, encoding) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
 
 
+def _length_sorted_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Row indices in batches, longest first, each holding rows x its longest row <= batch_tokens padded tokens
+    (a row longer than that on its own): similar lengths share a batch, so little is spent on padding.
+
+        _length_sorted_batches([3, 9, 4, 8], batch_tokens=18) -> [[1, 3], [2, 0]]
+    """
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 class StepTagPRM:
     """A causal-LM PRM in the Math-Shepherd format (`peiyi9979/math-shepherd-mistral-7b-prm`).
 
     Input: `question + " " + "step 1 ки\\nstep 2 ки\\n...step K ки"`. Score of step k: softmax over the
-    logits of the good and bad tokens at the k-th tag position, P(good). Each of `step_tag`, `good_token` and
-    `bad_token` is encoded alone (no special tokens) and must be one token. Mistral's sentencepiece
-    tokenizer gives a lone `+` its word-start marker, as the card's `encode("+ -")[1:]` does; the card's ids
-    are `+` 648, `-` 387, `ки` 12902, so compare `prm.good_id, prm.bad_id, prm.tag_id` when switching PRMs
-    (not checkable offline). A byte-level PRM trained with labels after a space wants `good_token=" +"`. The tag positions are the tokens that end the tags this adapter inserted
-    (found by character offsets, so a tag-like string inside a step is never read).
+    logits of the good and bad tokens at the k-th tag position, P(good). Only those two logits are computed:
+    the backbone's hidden states at the tag positions times the two rows of the LM head (no [B, T, vocab]
+    tensor; a PRM whose logits are more than a linear head, e.g. soft-capped, needs its own adapter). Each of
+    `step_tag`, `good_token` and `bad_token` is encoded alone (no special tokens) and must be one token.
+    Mistral's sentencepiece tokenizer gives a lone `+` its word-start marker, as the card's `encode("+ -")[1:]`
+    does; the card's ids are `+` 648, `-` 387, `ки` 12902, so compare `prm.good_id, prm.bad_id, prm.tag_id`
+    when switching PRMs (not checkable offline). A byte-level PRM trained with labels after a space wants
+    `good_token=" +"`. The tag positions are the tokens that end the tags this adapter inserted (found by
+    character offsets, so a tag-like string inside a step is never read). Responses are scored in batches of
+    similar length holding at most `batch_tokens` padded tokens.
 
         prm = StepTagPRM(model, tokenizer)
         prm(["What is 3+4?"], [["3+4=7", "\\\\boxed{7}"]])   -> e.g. [[0.93, 0.88]]
     """
 
     def __init__(self, model, tokenizer, step_tag: str = "ки", good_token: str = "+", bad_token: str = "-",
-                 batch_size: int = 8):
+                 batch_tokens: int = 8192):
         if not tokenizer.is_fast:
             raise ValueError("StepTagPRM needs a fast tokenizer (character offsets locate the step tags)")
         self.model = model.eval()
@@ -525,41 +544,57 @@ class StepTagPRM:
         self.tag_id = _single_token_id(tokenizer, step_tag, "StepTagPRM step_tag")
         self.good_id = _single_token_id(tokenizer, good_token, "StepTagPRM good_token")
         self.bad_id = _single_token_id(tokenizer, bad_token, "StepTagPRM bad_token")
-        self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
 
     def __call__(self, questions: list[str], steps: list[list[str]]) -> list[list[float]]:
         if len(questions) != len(steps):
             raise ValueError(f"StepTagPRM: {len(questions)} questions but {len(steps)} step lists")
         scores: list[list[float]] = [[] for _ in questions]
         rows = [b for b in range(len(questions)) if steps[b]]  # a response without steps has nothing to score
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
-            texts, tag_ends = [], []
-            for b in batch:
-                text, ends = questions[b] + " ", []
-                for k, step in enumerate(steps[b]):
-                    text += ("\n" if k else "") + step + " " + self.step_tag
-                    ends.append(len(text))
-                texts.append(text)
-                tag_ends.append(ends)
-            encoding = self.tokenizer(texts, padding=True, return_tensors="pt", return_offsets_mapping=True)
-            logits = _forward_logits(self.model, encoding)  # [B, T, vocab]
-            # only the two label columns leave the device: the full logits are B x T x vocab
-            p_good = logits[..., [self.good_id, self.bad_id]].float().softmax(-1)[..., 0].cpu()  # [B, T]
-            for row, b in enumerate(batch):
-                mask = encoding["attention_mask"][row].tolist()
-                token_at_char_end = {
-                    end: t for t, (_, end) in enumerate(encoding["offset_mapping"][row].tolist()) if mask[t]
-                }
-                for end in tag_ends[row]:
-                    t = token_at_char_end.get(end)
-                    if t is None or encoding["input_ids"][row, t] != self.tag_id:
-                        raise ValueError(
-                            f"StepTagPRM: the step tag {self.step_tag!r} merged with neighbouring text in row {b} "
-                            "and is not one token there; choose a tag the tokenizer keeps separate"
-                        )
-                    scores[b].append(p_good[row, t].item())
+        encodings, tags = [], []  # per row: its unpadded ids, and the token index of each of its tags
+        for b in rows:
+            text, ends = questions[b] + " ", []
+            for k, step in enumerate(steps[b]):
+                text += ("\n" if k else "") + step + " " + self.step_tag
+                ends.append(len(text))
+            encoding = self.tokenizer(text, return_offsets_mapping=True)
+            tags.append(self._tag_positions(encoding, ends, b))
+            encodings.append({key: encoding[key] for key in ("input_ids", "attention_mask")})
+        for batch in _length_sorted_batches([len(e["input_ids"]) for e in encodings], self.batch_tokens):
+            padded = self.tokenizer.pad([encodings[i] for i in batch], return_tensors="pt")
+            width = padded["input_ids"].shape[1]
+            shift = [width - len(encodings[i]["input_ids"]) if self.tokenizer.padding_side == "left" else 0
+                     for i in batch]
+            at = [(row, t + shift[row]) for row, i in enumerate(batch) for t in tags[i]]  # (row, column) per tag
+            p_good = self._good_probability(padded, at).tolist()
+            for row, i in enumerate(batch):
+                scores[rows[i]], p_good = p_good[:len(tags[i])], p_good[len(tags[i]):]
         return scores
+
+    def _tag_positions(self, encoding, ends: list[int], b: int) -> list[int]:
+        """The token that ends each tag (by character offset); a tag merged with its neighbours is an error."""
+        token_at_char_end = {end: t for t, (_, end) in enumerate(encoding["offset_mapping"])}
+        positions = [token_at_char_end.get(end) for end in ends]
+        if any(t is None or encoding["input_ids"][t] != self.tag_id for t in positions):
+            raise ValueError(f"StepTagPRM: the step tag {self.step_tag!r} merged with neighbouring text in row {b} "
+                             "and is not one token there; choose a tag the tokenizer keeps separate")
+        return positions
+
+    @torch.no_grad()
+    def _good_probability(self, padded, at: list[tuple[int, int]]) -> torch.Tensor:
+        """P(good) from the good and bad logits at the (row, column) pairs `at` of a padded batch: [len(at)]."""
+        device = next(self.model.parameters()).device
+        mask = padded["attention_mask"]
+        hidden = self.model.base_model(input_ids=padded["input_ids"].to(device), attention_mask=mask.to(device),
+                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                                       use_cache=False).last_hidden_state  # [B, T, H]
+        rows, columns = zip(*at)
+        head = self.model.get_output_embeddings()
+        labels = [self.good_id, self.bad_id]
+        logits = hidden[list(rows), list(columns)] @ head.weight[labels].T  # [N, 2]
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[labels]
+        return logits.float().softmax(-1)[:, 0].cpu()
 
 
 class TokenClassifierPRM:
@@ -579,14 +614,14 @@ class TokenClassifierPRM:
         tokenizer,
         separator: str = "<extra_0>",
         system_prompt: str | None = "Please reason step by step, and put your final answer within \\boxed{}.",
-        batch_size: int = 8,
+        batch_tokens: int = 8192,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.separator = separator
         self.separator_id = _single_token_id(tokenizer, separator, "TokenClassifierPRM separator")
         self.system_prompt = system_prompt
-        self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
 
     def __call__(self, questions: list[str], steps: list[list[str]]) -> list[list[float]]:
         if len(questions) != len(steps):
@@ -594,27 +629,27 @@ class TokenClassifierPRM:
         sep = self.separator
         scores: list[list[float]] = [[] for _ in questions]
         rows = [b for b in range(len(questions)) if steps[b]]
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
-            texts = []
-            for b in batch:
-                system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
-                messages = system + [
-                    {"role": "user", "content": questions[b].replace(sep, "")},
-                    {"role": "assistant", "content": "".join(step.replace(sep, "") + sep for step in steps[b])},
-                ]
-                texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
-            encoding = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        texts = []
+        for b in rows:
+            system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
+            messages = system + [
+                {"role": "user", "content": questions[b].replace(sep, "")},
+                {"role": "assistant", "content": "".join(step.replace(sep, "") + sep for step in steps[b])},
+            ]
+            texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
+        encodings = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for batch in _length_sorted_batches([len(ids) for ids in encodings], self.batch_tokens):
+            encoding = self.tokenizer.pad({"input_ids": [encodings[i] for i in batch]}, return_tensors="pt")
             p_good = _forward_logits(self.model, encoding).float().softmax(-1)[..., 1].cpu()  # [B, T]
             at_separator = (encoding["input_ids"] == self.separator_id) & encoding["attention_mask"].bool()
-            for row, b in enumerate(batch):
+            for row, i in enumerate(batch):
                 positions = at_separator[row].nonzero().squeeze(-1)
-                if len(positions) != len(steps[b]):
+                if len(positions) != len(steps[rows[i]]):
                     raise ValueError(
-                        f"TokenClassifierPRM: row {b} has {len(steps[b])} steps but {len(positions)} "
+                        f"TokenClassifierPRM: row {rows[i]} has {len(steps[rows[i]])} steps but {len(positions)} "
                         f"{sep!r} tokens after the chat template"
                     )
-                scores[b] = p_good[row, positions].tolist()
+                scores[rows[i]] = p_good[row, positions].tolist()
         return scores
 
 

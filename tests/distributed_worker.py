@@ -5,6 +5,8 @@
         estimator; rank 0 writes the metrics and a fingerprint of the updated policy (and critic) of each.
     python tests/distributed_worker.py generate OUT.json --cache-dir DIR
         generation under FSDP2 vs the same model unsharded, and the all-gathers counted per rollout.
+    python tests/distributed_worker.py score OUT.json --cache-dir DIR
+        one rollout, then whether every model's parameters are sharded again.
 """
 
 import json
@@ -102,17 +104,44 @@ def generate(out: str, cache_dir: str) -> None:
         Path(out).write_text(json.dumps(every))
 
 
+def score(out: str, cache_dir: str) -> None:
+    """One rollout (sample, score_tokens, grade) on 2 ranks; then, for each model, whether every parameter of
+    every FSDP module is a sharded DTensor again (an FSDP2 root keeps its gathered parameters after a forward,
+    expecting a backward that a no-grad forward never has)."""
+    from torch.distributed.tensor import DTensor
+
+    import data
+
+    rank, world, device = models.init_distributed()
+    cfg = ppo.parse_config(["--preset", "tiny", "--reward", "prm", "--cache-dir", cache_dir, "--max-new-tokens", "8"])
+    ppo.resolve_local_models(cfg, rank)
+    run = ppo.setup(cfg, rank, world, device)
+    run.checker = lambda texts, golds: [False] * len(texts)
+    problems, _ = data.tokenize_prompts(run.tokenizer, data.tiny_problems(seed=0), 256)
+    ro = ppo.rollout(cfg, problems[rank * 2:rank * 2 + 2], run)
+    result = {name: all(isinstance(p, DTensor) for p in model.parameters())
+              for name, model in (("policy", run.policy), ("reference", run.reference), ("critic", run.critic),
+                                  ("prm", run.prm.model))}
+    result["scored"] = bool(ro.old_logp.abs().sum() > 0) and any(ro.step_scores)
+    every = [None] * world
+    dist.all_gather_object(every, result)
+    if rank == 0:
+        Path(out).write_text(json.dumps(every))
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["update", "generate"])
+    parser.add_argument("command", choices=["update", "generate", "score"])
     parser.add_argument("paths", nargs="+")
     parser.add_argument("--reward", default="prm")
     parser.add_argument("--cache-dir", required=True)
     args, extra = parser.parse_known_args()  # the rest goes to ppo's config
     if args.command == "update":
         update(*args.paths, args.reward, args.cache_dir, extra)
+    elif args.command == "score":
+        score(*args.paths, args.cache_dir)
     else:
         generate(*args.paths, args.cache_dir)
     models.end_distributed()

@@ -100,6 +100,15 @@ def test_generation_under_fsdp_matches_unsharded_with_one_all_gather_per_rollout
         assert rank_result["gathers_16_plain_generate"] > 16
 
 
+def test_every_model_is_resharded_after_scoring(cache_dir, tmp_path):
+    """After a rollout on 2 ranks, policy, reference, critic and PRM hold only their shards: no root keeps the
+    gathered embedding and LM head (for a 7B model, GBs per rank) between the phases."""
+    out = tmp_path / "score.json"
+    launch(["tests/distributed_worker.py", "score", str(out), "--cache-dir", cache_dir], 2)
+    for rank_result in json.loads(out.read_text()):
+        assert rank_result == {"policy": True, "reference": True, "critic": True, "prm": True, "scored": True}
+
+
 def test_two_rank_run_resumes_with_the_same_metrics_and_exports_the_sharded_weights(cache_dir, tmp_path):
     common = ["ppo.py", "--preset", "tiny", "--cache-dir", cache_dir, "--reward", "clip_delta", "--answer-workers", "1",
               "--save-every", "2"]

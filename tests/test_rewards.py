@@ -184,7 +184,7 @@ def test_step_tag_prm_reads_good_token_probability_at_each_tag(step_tag_prm, tin
     tok = models.load_tokenizer(str(tiny_paths["step_tag_prm"]))
     tok.padding_side = padding_side
     tag, good, bad = (tok.convert_tokens_to_ids(t) for t in ("ки", "+", "-"))
-    prm = StepTagPRM(model, tok, batch_size=2)
+    prm = StepTagPRM(model, tok, batch_tokens=48)  # several batches, of unequal widths
     scores = prm(QUESTIONS, STEPS)
     assert [len(s) for s in scores] == [len(s) for s in STEPS]
     for text, steps, got in zip(SHEPHERD_TEXTS, STEPS, scores):
@@ -197,17 +197,26 @@ def test_step_tag_prm_reads_good_token_probability_at_each_tag(step_tag_prm, tin
 
 class FakeCausalLM(nn.Module):
     """Logits known in advance: at position p, logit[good] - logit[bad] = 0.1 * p + (0.5 if the input is the
-    tag else -3), every other logit 0. Reading any other position, or using padded positions, shows."""
+    tag else -3), every other logit 0. Reading any other position, or using padded positions, shows. Built as a
+    backbone whose one hidden feature is that number and an LM head that copies it to the good logit."""
 
     def __init__(self, vocab, tag, good, bad):
         super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(1))  # gives the adapter a device to read
-        self.vocab, self.tag, self.good, self.bad = vocab, tag, good, bad
+        self.tag = tag
+        self.lm_head = nn.Linear(1, vocab, bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.zero_()
+            self.lm_head.weight[good] = 1.0
 
-    def forward(self, input_ids, attention_mask, position_ids, **kwargs):
-        logits = torch.zeros(*input_ids.shape, self.vocab)
-        logits[..., self.good] = 0.1 * position_ids + torch.where(input_ids == self.tag, 0.5, -3.0)
-        return SimpleNamespace(logits=logits)
+    @property
+    def base_model(self):
+        def backbone(input_ids, attention_mask, position_ids, **kwargs):
+            hidden = 0.1 * position_ids + torch.where(input_ids == self.tag, 0.5, -3.0)
+            return SimpleNamespace(last_hidden_state=hidden[..., None].float())
+        return backbone
+
+    def get_output_embeddings(self):
+        return self.lm_head
 
 
 def test_step_tag_prm_with_known_logits(step_tag_prm):
@@ -259,7 +268,7 @@ class TupleOutput(nn.Module):
 def test_token_classifier_prm_reads_class_one_at_each_separator(token_classifier_prm, wrap):
     model, tok = token_classifier_prm
     sep = tok.convert_tokens_to_ids("<extra_0>")
-    prm = TokenClassifierPRM(TupleOutput(model) if wrap else model, tok, batch_size=2)
+    prm = TokenClassifierPRM(TupleOutput(model) if wrap else model, tok, batch_tokens=96)
     scores = prm(QUESTIONS, STEPS)
     assert [len(s) for s in scores] == [len(s) for s in STEPS]
     for question, assistant, got in zip(QUESTIONS, QWEN_PRM_ASSISTANT, scores):
