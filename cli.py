@@ -8,7 +8,7 @@
 
 `choices` lists, for a field whose value names an entry of a registry, each name with its one-line doc, so
 that `--help` shows what the registry holds now (an entry registered by a fork shows up too).
-Used by ppo.py, eval.py and prm.py.
+Used by ppo.py and eval.py.
 """
 
 from __future__ import annotations

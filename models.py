@@ -1,4 +1,6 @@
-"""Model loading for PPO: policy, frozen reference, critic (backbone + scalar value head), PRM and ORM.
+"""Models for PPO: loading the policy, frozen reference, critic (backbone + scalar value head), PRM and ORM;
+per-token log-probs and values of a micro-batch; what a run holds (`load_run`, `Run`); torch.distributed and
+FSDP2 (sharding, generation with gathered weights, resharding, HF export).
 
 Everything a run needs from the Hugging Face model zoo goes through here, so the rules live in one place:
 - weights from outside are read as safetensors only (`use_safetensors=True`); hub code runs only when the
@@ -352,7 +354,7 @@ def load_prm(spec: str, adapters: dict, *, prm_format: str = "auto", revision: s
                        trust_remote_code=remote_code and prm_format == "token_classifier", revision=revision)
     prm = adapters[prm_format](model.requires_grad_(False), tokenizer)
     expected = MATH_SHEPHERD_IDS.get(spec)
-    if expected and (prm.good_id, prm.bad_id, prm.tag_id) != expected:
+    if expected and prm_format == "step_tag" and (prm.good_id, prm.bad_id, prm.tag_id) != expected:
         raise SystemExit(f"--prm {spec}: its tokenizer gives ids {(prm.good_id, prm.bad_id, prm.tag_id)} for "
                          f"'+', '-', 'ки', but the model card reads {expected}: the tokenizer loads differently here")
     return prm

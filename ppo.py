@@ -125,11 +125,12 @@ class Config:
                       "the loss")
     kl_estimator: str = arg("k1", "per-token estimate k of KL(pi || pi_ref) from the sampled token, log r = logp - "
                             "logp_ref")
-    kl_in: str = arg("reward", "where the KL goes: reward (-beta * k on every token, seen by every estimator; "
-                     "unbiased gradient of KL(pi || pi_ref) with k1) or loss (beta * the --loss-agg of k over the "
-                     "update's log-probs, added to the policy loss; no estimator sees it; unbiased with k2; k3 there "
-                     "is DeepSeekMath's GRPO form, whose gradient is that of KL(pi_ref || pi); k1 has zero expected "
-                     "gradient there and is refused)")
+    kl_in: str = arg("reward", "where the KL goes: reward (-beta * k on every token, seen by every estimator; with "
+                     "k1 the policy gradient of the sequence-level KL(pi || pi_ref)) or loss (beta * the --loss-agg of "
+                     "k over the update's log-probs, added to the policy loss; no estimator sees it; with k2 the "
+                     "gradient of the per-token KL(pi || pi_ref) at the sampled states, with k3 that of the per-token "
+                     "KL(pi_ref || pi), neither counting the effect on later tokens; k3 with seq-mean-token-mean is "
+                     "DeepSeekMath's GRPO; k1 has zero expected gradient there and is refused)")
     answer_timeout: float = arg(10.0, "seconds before an answer check is killed and counted incorrect")
     answer_workers: int = arg(2, "processes grading answers in parallel")
     # --- PPO ---
@@ -187,10 +188,14 @@ BEFORE_THE_FLAG = {"advantage": "gae", "kl_estimator": "k1", "kl_in": "reward", 
 def parse_config(argv: list[str] | None = None) -> Config:
     """One flag per Config field (help = the field's doc, and for a registry's flag its entries); a preset's
     values become the defaults."""
-    def summary(function) -> str:  # a docstring's first paragraph, on one line
-        return " ".join(function.__doc__.split("\n\n")[0].split())
+    def summary(function) -> str:  # a docstring's first paragraph, on one line ("" for a lambda)
+        return " ".join((function.__doc__ or "").split("\n\n")[0].split())
 
-    registries = {"advantage": {name: e.doc for name, e in ESTIMATORS.items()},
+    def needs(e: Estimator) -> str:
+        group = f", --samples-per-prompt >= {e.min_group_size}" if e.min_group_size > 1 else ""
+        return ("with a critic" if e.needs_critic else "critic-free") + group
+
+    registries = {"advantage": {name: f"{e.doc}; {needs(e)}" for name, e in ESTIMATORS.items()},
                   "kl_estimator": {name: summary(f) for name, f in KL_ESTIMATORS.items()},
                   "loss_agg": {name: summary(f) for name, f in LOSS_AGGREGATIONS.items()}}
     parser = config_parser(Config, __doc__.split("\n\n")[0], choices=registries)
@@ -227,7 +232,7 @@ def validate(cfg: Config, world: int) -> None:
         raise SystemExit("--reward orm needs --orm (an outcome reward model)")
     if cfg.kl_in == "loss" and cfg.kl_estimator == "k1":
         raise SystemExit("--kl-in loss --kl-estimator k1: k1's gradient in the loss is zero in expectation (it only "
-                         "adds noise); use --kl-estimator k2 (unbiased) or k3 in the loss, or k1 with --kl-in reward")
+                         "adds noise); use --kl-estimator k2 or k3 in the loss, or k1 with --kl-in reward")
     estimator = ESTIMATORS[cfg.advantage]
     if not estimator.needs_critic and cfg.critic:
         raise SystemExit(f"--critic {cfg.critic}: --advantage {cfg.advantage} is critic-free and would ignore it; "
@@ -282,14 +287,15 @@ def check_resumable(cfg: Config, world: int) -> None:
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """log r; an unbiased value of KL(pi || pi_ref), can be negative; unclamped
 
-    In the reward its policy gradient is KL(pi || pi_ref)'s; in the loss its expected gradient is 0.
+    In the reward its policy gradient is the sequence-level KL(pi || pi_ref)'s; in the loss its expected gradient
+    is 0.
         kl_k1(tensor([-1.0]), tensor([-1.5])) -> tensor([0.5])
     """
     return logp - ref_logp
 
 
 def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """(log r)^2 / 2; >= 0, a biased value; in the loss its gradient is KL(pi || pi_ref)'s; unclamped
+    """(log r)^2 / 2; >= 0, a biased value; in the loss its gradient is the per-token KL(pi || pi_ref)'s; unclamped
 
         kl_k2(tensor([-1.0]), tensor([-1.5])) -> tensor([0.125])
     """
@@ -297,8 +303,8 @@ def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """exp(-log r) - 1 + log r; >= 0, an unbiased value; in the loss its gradient is KL(pi_ref || pi)'s
-    (DeepSeekMath's GRPO); log r clamped to +-20 and k3 to <= 10, as verl
+    """exp(-log r) - 1 + log r; >= 0, an unbiased value; in the loss its gradient is the per-token
+    KL(pi_ref || pi)'s (DeepSeekMath's GRPO); log r clamped to +-20 and k3 to <= 10, as verl
 
     Schulman's estimator. The clamps keep one token the reference finds near impossible from exploding it.
         kl_k3(tensor([-1.0]), tensor([-1.5])) -> exp(-0.5) - 1 + 0.5 = tensor([0.1065])
@@ -402,7 +408,7 @@ def estimator(name: str, doc: str, needs_critic: bool = False, min_group_size: i
     return register
 
 
-@estimator("gae", "GAE with a critic, whitened; the paper's", needs_critic=True)
+@estimator("gae", "GAE, whitened; the paper's", needs_critic=True)
 def gae_advantages(reward, values, mask, groups, cfg):
     """GAE with the critic (the paper's): advantages whitened over all valid tokens of all ranks; returns
     A + V are the critic's targets."""
@@ -422,7 +428,8 @@ def grpo_advantages(reward, values, mask, groups, cfg):
     u are the transformed step rewards before alpha (normalising after alpha would cancel it); std is the
     sample std, eps = 1e-6; a group with fewer than two step rewards gets s~ = 0. Not whitened again. The
     step and KL sums are discounted by --gamma (1 by default, as in the paper's formula). With --kl-in loss
-    reward.kl is 0 and the KL term is in the loss, as DeepSeekMath has it.
+    reward.kl is 0 and the KL term is in the loss (with --kl-estimator k3 --loss-agg seq-mean-token-mean, as
+    DeepSeekMath has it).
     """
     index, n = group_ids(groups)
     device = index.device
@@ -646,7 +653,7 @@ def grade(cfg: Config, ro: Rollout, run: models.Run) -> None:
             ro.step_scores = run.prm(questions, ro.step_texts)
     ro.orm_scores = torch.zeros(len(questions))
     if run.orm is not None:
-        with models.gathered(run.orm.model):
+        with models.gathered(getattr(run.orm, "model", None)):
             ro.orm_scores = torch.tensor(run.orm(questions, ro.texts))
 
 
@@ -658,14 +665,14 @@ def train_on_rollout(cfg: Config, step: int, ro: Rollout, run: models.Run) -> di
     t0 = time.perf_counter()
     # 3. Rewards in three parts: outcome (success + alpha * ORM), alpha * step rewards at the tokens that end
     #    the steps, KL per token (zero here when --kl-in loss puts it in the loss instead).
-    kl = KL_ESTIMATORS[cfg.kl_estimator](ro.old_logp, ro.ref_logp) * ro.mask  # [B, R]
-    reward = rewards.RolloutRewards.of_rollout(ro, cfg, kl=kl if cfg.kl_in == "reward" else torch.zeros_like(kl))
+    kl = KL_ESTIMATORS[cfg.kl_estimator](ro.old_logp, ro.ref_logp) * ro.mask if cfg.kl_in == "reward" else None
+    reward = rewards.RolloutRewards.of_rollout(ro, cfg, kl=torch.zeros_like(ro.mask) if kl is None else kl)
     # 4-5. Advantages (and the critic's targets) by --advantage; each estimator whitens, or not, as it should.
     ro.advantages, ro.returns = ESTIMATORS[cfg.advantage](reward, ro.values, ro.mask, ro.groups, cfg)
     ro.step_rewards = reward.step_rewards
     # 6. Update the policy (and critic).
     sums = update(cfg, step, ro, run)
-    return runlog.step_metrics(cfg, ro, reward, kl, sums, run, update_time=time.perf_counter() - t0)
+    return runlog.step_metrics(cfg, ro, reward, sums, run, update_time=time.perf_counter() - t0)
 
 
 @dataclass
@@ -723,8 +730,9 @@ def backward_micro_batch(cfg: Config, step: int, mb: MicroBatch, weight: float, 
         logp, entropy = response_logprobs(run.policy, mb, cfg.temperature, with_entropy=True)  # [n, R]
     p_loss, clipped = policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, cfg.clip_eps, aggregate)
     kl_loss = torch.zeros(())
-    if cfg.kl_in == "loss":  # beta * KL to the reference, of the log-probs being trained
-        kl_loss = cfg.beta * aggregate(KL_ESTIMATORS[cfg.kl_estimator](logp, mb.ref_logp), mb.mask)
+    if cfg.kl_in == "loss":  # beta * KL to the reference, of the log-probs being trained; exactly 0 off the mask
+        kl_loss = cfg.beta * aggregate(KL_ESTIMATORS[cfg.kl_estimator](
+            torch.where(mb.mask.bool(), logp, mb.ref_logp), mb.ref_logp), mb.mask)
     p_loss_total = p_loss + kl_loss if cfg.kl_in == "loss" else p_loss
     (p_loss_total * weight * run.world).backward()
     v_loss = torch.zeros(())

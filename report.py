@@ -20,6 +20,7 @@ python report.py bench --advantage grpo --repeats 20
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -186,11 +187,18 @@ def steps_to_threshold(group: RunGroup, threshold: float) -> str:
     return f"{sum(reached) / len(reached):.0f} ({each})"
 
 
+def variant(config: dict) -> str:
+    """What a run changed of the KL and the loss, e.g. " (kl_in loss, kl_estimator k3)"; "" for the defaults."""
+    changed = [f"{k} {config[k]}" for k, v in ppo.BEFORE_THE_FLAG.items() if k != "advantage" and config.get(k, v) != v]
+    return f" ({', '.join(changed)})" if changed else ""
+
+
 def table_row(group: RunGroup, reference: RunGroup | None, threshold: float) -> list[str]:
     config = group.config
     alpha = "-" if config["reward"] == "success" else f"{config['alpha']:g}"
     minutes = sum(sum(r.get("time/step", 0.0) for r in rows) for rows in group.runs) / len(group.runs) / 60
-    cells = [group.name, str(config["reward"]), alpha, config["advantage"], ", ".join(map(str, group.seeds)),
+    cells = [group.name, str(config["reward"]), alpha, config["advantage"] + variant(config),
+             ", ".join(map(str, group.seeds)),
              str(min(rows[-1]["step"] for rows in group.runs)), f"{minutes:.1f}"]
     for _, key in REPORT_COLUMNS:
         start, end = group.means(key)
@@ -252,7 +260,7 @@ def plot(groups: list[RunGroup], path: Path) -> None:
         for group in groups:
             if group.config["advantage"] != estimator:
                 continue
-            label = str(group.config["reward"])
+            label = str(group.config["reward"]) + variant(group.config)
             if group.config["reward"] != "success":
                 label += f" (alpha {group.config['alpha']:g})"
             if len(group.runs) > 1:
@@ -301,6 +309,9 @@ def bench(advantage: str, rollout_path: Path, repeats: int, cache_dir: Path) -> 
         torch.save({k: v for k, v in vars(ro).items() if k not in ("seconds", "old_logp", "ref_logp", "values")},
                    rollout_path)
     saved = torch.load(rollout_path, weights_only=True)
+    if set(saved) - {f.name for f in dataclasses.fields(ppo.Rollout)}:
+        raise SystemExit(f"--rollout {rollout_path}: saved by an older version (keys {sorted(saved)}); delete it and "
+                         "it is sampled again")
     times: dict[str, list[float]] = {"score": [], "update": []}
     for _ in range(repeats):
         ro = ppo.Rollout(**saved, seconds={"time/rollout": 0.0, "time/score": 0.0})

@@ -4,7 +4,7 @@
   from named sums over the rollout and the update, reduced over ranks in one all-reduce; `sample_rows` picks
   a few completions for samples.jsonl.
 
-- `save` / `load` / `latest`: checkpoints under <output-dir>/checkpoints/step_N, written with
+- `save_checkpoint` / `load_checkpoint` / `latest_checkpoint`: checkpoints under <output-dir>/checkpoints/step_N, written with
   torch.distributed.checkpoint (every rank its shard), with an atomic `latest` pointer and the last few kept.
   A checkpoint holds the trained models (policy, and the critic when the estimator has one) with their
   optimisers, every rank's RNG states, and a state.json (step, world size, and what the caller adds: the data
@@ -46,8 +46,8 @@ class RolloutSums:
     correct: float
     process: float  # alpha-scaled step rewards
     outcome: float  # alpha * ORM scores
-    kl: float  # --kl-estimator's KL to the reference, summed over tokens
-    reward_kl: float  # the same where it is paid as reward (0 under --kl-in loss)
+    kl: float  # logp - logp_ref summed over tokens (k1: the same quantity whatever --kl-estimator says)
+    reward_kl: float  # the --kl-estimator's KL where it is paid as reward (0 under --kl-in loss)
     length: float  # response tokens
     steps: float
     truncated: float
@@ -71,12 +71,12 @@ def equal_outcome_groups(outcome: torch.Tensor, groups: torch.Tensor) -> int:
     return int((low == high).sum())
 
 
-def rollout_sums(ro, reward, kl: torch.Tensor) -> RolloutSums:
-    """This rank's RolloutSums of a trained ppo.Rollout, its rewards.RolloutRewards and its KL [B, R]."""
+def rollout_sums(ro, reward) -> RolloutSums:
+    """This rank's RolloutSums of a trained ppo.Rollout and its rewards.RolloutRewards."""
     sums = RolloutSums(
         responses=ro.mask.shape[0], prompt_tokens=sum(len(p) for p in ro.prompt_ids), success=ro.success.sum(),
         correct=ro.correct.sum(), process=sum(r.sum() for r in reward.step_rewards),
-        outcome=(reward.outcome - ro.success).sum(), kl=kl.sum(), reward_kl=reward.kl.sum(), length=ro.mask.sum(),
+        outcome=(reward.outcome - ro.success).sum(), kl=((ro.old_logp - ro.ref_logp) * ro.mask).sum(), reward_kl=reward.kl.sum(), length=ro.mask.sum(),
         steps=sum(len(s) for s in ro.step_texts), truncated=ro.truncated.sum(), groups=len(torch.unique(ro.groups)),
         equal_groups=equal_outcome_groups(reward.outcome, ro.groups))
     if ro.returns is not None:
@@ -96,11 +96,11 @@ def summed_over_ranks(*parts):
     return [dataclasses.replace(p, **{n: next(totals) for n in fields}) for p, fields in zip(parts, names)]
 
 
-def step_metrics(cfg, ro, reward, kl: torch.Tensor, sums, run, update_time: float) -> dict[str, float]:
+def step_metrics(cfg, ro, reward, sums, run, update_time: float) -> dict[str, float]:
     """The step's metrics in named groups (the README's glossary): this rank's sums of the rollout (RolloutSums)
     and of the update (ppo.UpdateSums), one reduction over ranks, then ratios. cfg: ppo.Config, ro: ppo.Rollout,
-    reward: rewards.RolloutRewards, kl [B, R] the --kl-estimator's per-token KL, run: models.Run."""
-    r, u = summed_over_ranks(rollout_sums(ro, reward, kl), sums)
+    reward: rewards.RolloutRewards, run: models.Run."""
+    r, u = summed_over_ranks(rollout_sums(ro, reward), sums)
     n, steps = r.responses, u.optimizer_steps
     rollout_time = ro.seconds["time/rollout"] + ro.seconds["time/score"]
     metrics = {

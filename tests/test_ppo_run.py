@@ -149,9 +149,21 @@ def test_help_lists_every_field_with_its_doc(capsys):
     assert "ReaLHF" in out and "unpickles" in out
     # the registry flags list what their registries hold now, each with its one-line doc
     for name, entry in ppo.ESTIMATORS.items():
-        assert f"{name} ({entry.doc})" in " ".join(out.split())
+        assert "".join(f"{name} ({entry.doc};".split()) in "".join(out.split())  # argparse wraps at hyphens
     for name in [*ppo.KL_ESTIMATORS, *ppo.LOSS_AGGREGATIONS]:
         assert f"{name} (" in " ".join(out.split())
+
+
+def test_a_registered_lambda_is_a_choice(monkeypatch, capsys):
+    """README's one-line registrations: a lambda (no docstring) in either registry is a choice with a --help."""
+    monkeypatch.setitem(ppo.KL_ESTIMATORS, "abs", lambda logp, ref_logp: (logp - ref_logp).abs())
+    monkeypatch.setitem(ppo.LOSS_AGGREGATIONS, "seq-sum", lambda masked, mask, size: masked.sum() / size.responses)
+    cfg = ppo.parse_config(["--kl-estimator", "abs", "--loss-agg", "seq-sum"])
+    ppo.validate_choice("--kl-estimator", cfg.kl_estimator, ppo.KL_ESTIMATORS)
+    ppo.validate_choice("--loss-agg", cfg.loss_agg, ppo.LOSS_AGGREGATIONS)
+    with pytest.raises(SystemExit):
+        ppo.parse_config(["--help"])
+    assert "abs ()" in " ".join(capsys.readouterr().out.split())
 
 
 def test_preset_fills_fields_and_flags_override():

@@ -386,7 +386,8 @@ def test_rollout_rewards_apply_alpha_once_to_steps_and_orm_alike(reward):
               ref_logp=torch.tensor([[-1.5, -2, -1, -1], [-1, -0.5, -1, -9]]), mask=mask)
     cfg = SimpleNamespace(reward=reward, alpha=0.5, beta=0.1, eta=0.5, minform_temperature=0.1)
     got = RolloutRewards.of_rollout(ro, cfg)
-    kl = [[0.5, 0, 0, 0], [0, -0.5, 0, 0]]  # (old - ref) on the mask
+    kl = [[0.5, 0, 0, 0], [0, -0.5, 0, 0]]  # (old - ref) on the mask: k1, what of_rollout takes without kl=
+    assert torch.allclose(got.kl, torch.tensor(kl))
     if reward == "delta":  # delta of [0.9, 0.6] -> [0.9, 0.0]; of [0.5] -> [0.0]
         expected = [[-0.05, 0.45, 0, 1.0], [0, 0.05, 0, 0]]
         assert close(got.step_rewards[0], [0.45, 0.0]) and close(got.steps[0], [0.9, 0.0])
