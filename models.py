@@ -16,12 +16,12 @@ a folder, loadable with `from_pretrained`; the `tiny` preset and the tests use i
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
 import re
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,40 +195,68 @@ def generate(
 # -------------------------------------------------------------------------------------------------
 
 
-def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def _chunk_logprobs(x, weight, bias, targets, temperature: float, with_entropy: bool):
+    """One chunk: log softmax(logits / T) at the targets [c] (and the entropy, for logging), in fp32. With a head
+    `weight` [V, H], x are hidden states [c, H] and the logits are made here, the matmul in fp32 whatever the
+    dtypes; without one (None), x are fp32 logits [c, V] already."""
+    logits = x if weight is None else F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     logits = logits.float() / temperature
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    if not with_entropy:
+        return logp
+    with torch.no_grad():
+        all_logp = F.log_softmax(logits, dim=-1)
+        return logp, -(all_logp.exp() * all_logp).sum(-1)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_rows: int = 1024):
-    """log softmax(logits / T)[target] in fp32, `chunk_rows` rows at a time.
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                   bias: torch.Tensor | None = None, with_entropy: bool = False, chunk_rows: int = 1024):
+    """log softmax(hidden @ weight.T / T)[target], fp32, `chunk_rows` rows at a time (and the entropy per row).
 
-    logits [N, V] (any dtype), targets [N] -> [N] fp32. With a 152k vocabulary an fp32 copy of all logits
-    would be the largest tensor of the step; each chunk is cast, reduced and (under autograd) recomputed in
-    the backward pass instead of being kept.
+    hidden [N, H] (the final hidden states), weight [V, H] (the LM head as the forward gathers it: bf16 under
+    mixed precision), targets [N] -> [N] fp32. Given bf16 operands, each chunk's logits come from an fp32 matmul
+    of both cast, so a policy whose weights are gathered in bf16 and a reference stored in bf16 give equal
+    log-probs, and no [N, V] fp32 tensor exists (with a 152k vocabulary it would be the largest of the step);
+    under autograd each chunk is recomputed in the backward pass instead of kept. Given fp32 operands the head
+    is one matmul, as the model's own forward does it (the fp32 logits exist then anyway), and only the
+    log-softmax is chunked.
     """
-    out = []
-    for start in range(0, logits.shape[0], chunk_rows):
-        chunk = (logits[start:start + chunk_rows], targets[start:start + chunk_rows], temperature)
-        if torch.is_grad_enabled() and logits.requires_grad:
-            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *chunk, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(*chunk))
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+    fp32 = hidden.dtype == weight.dtype == torch.float32
+    source = F.linear(hidden, weight, bias) if fp32 else hidden  # fp32 logits [N, V], or hidden states [N, H]
+    head = (None, None) if fp32 else (weight, bias)
+    logp, entropy = [], []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        chunk = (source[start:start + chunk_rows], *head, targets[start:start + chunk_rows], temperature, with_entropy)
+        out = (torch.utils.checkpoint.checkpoint(_chunk_logprobs, *chunk, use_reentrant=False)
+               if torch.is_grad_enabled() and (source.requires_grad or weight.requires_grad) else _chunk_logprobs(*chunk))
+        logp.append(out[0] if with_entropy else out)
+        entropy.append(out[1] if with_entropy else None)
+    logp = torch.cat(logp) if logp else hidden.new_zeros(0, dtype=torch.float32)
+    if not with_entropy:
+        return logp
+    return logp, (torch.cat(entropy) if entropy else hidden.new_zeros(0, dtype=torch.float32))
 
 
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor, temperature: float, chunk_rows: int = 1024) -> torch.Tensor:
-    """Entropy of softmax(logits / T) per row, fp32, chunked: logits [N, V] -> [N]. For logging only."""
-    out = []
-    for start in range(0, logits.shape[0], chunk_rows):
-        logp = F.log_softmax(logits[start:start + chunk_rows].float() / temperature, dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+def _response_head(model, input_ids, attention_mask, position_ids, prompt_width: int, temperature: float,
+                   with_entropy: bool):
+    """The body of `response_logprobs`, bound to a causal LM as its method `response_head`; under FSDP2 it is
+    registered as a forward method, so the root's parameters (embedding, final norm, LM head) are gathered for
+    it as for `forward`, and the head's matmul runs inside the root's forward."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state  # [n, P + R, H]
+    n, width, _ = hidden.shape
+    R = width - prompt_width
+    # Only the R columns that score response tokens go through the LM head (no [n, width, vocab] tensor).
+    hidden = hidden[:, prompt_width - 1:width - 1].reshape(n * R, -1)
+    head = model.get_output_embeddings()
+    out = token_logprobs(hidden, head.weight, input_ids[:, prompt_width:].reshape(-1), temperature,
+                         bias=head.bias, with_entropy=with_entropy)
+    # New tensors, not views: FSDP2 warns about a forward that returns a view (an in-place op would skip its hook).
+    return (out[0].view(n, R).clone(), out[1].view(n, R).clone()) if with_entropy else out.view(n, R).clone()
 
 
 def response_logprobs(model, batch, temperature: float, with_entropy: bool = False):
-    """Log-probs of the response tokens under `model`, temperature-scaled: -> [n, R] (and entropy [n, R]).
+    """Log-probs of the response tokens under `model`, temperature-scaled: -> [n, R] fp32 (and entropy [n, R]).
 
     The batch is laid out [left-padded prompt (P columns) | right-padded response (R columns)]. Logits at
     position t predict token t+1, so response token i is scored by the logits at column P-1+i, i.e. columns
@@ -236,18 +264,11 @@ def response_logprobs(model, batch, temperature: float, with_entropy: bool = Fal
         columns   0    1    2    3    4
         tokens    pad  q1   q2   a1   a2
         logits at column 2 score a1, column 3 scores a2 (column 4 would predict past the end).
+    The logits are made in fp32 from the final hidden states and the LM head (`token_logprobs`).
     """
-    n, width = batch.input_ids.shape
-    R = width - batch.prompt_width
-    # Only the R columns that score response tokens go through the LM head (no [n, width, vocab] tensor).
-    columns = torch.arange(width - R - 1, width - 1, device=batch.input_ids.device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, use_cache=False, logits_to_keep=columns).logits
-    flat = logits.reshape(n * R, -1)
-    logp = token_logprobs(flat, batch.response_ids.reshape(-1), temperature).view(n, R)
-    if not with_entropy:
-        return logp
-    return logp, token_entropy(flat.detach(), temperature).view(n, R)
+    head = getattr(model, "response_head", None) or types.MethodType(_response_head, model)
+    return head(batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_width, temperature,
+                with_entropy)
 
 
 def response_values(critic, batch) -> torch.Tensor:
@@ -255,6 +276,19 @@ def response_values(critic, batch) -> torch.Tensor:
     P, R = batch.prompt_width, batch.response_ids.shape[1]
     values = critic(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     return values[:, P - 1:P - 1 + R]
+
+
+class ValueHead(nn.Linear):
+    """The critic's scalar head, hidden [..., H] -> values [...]: a matrix-vector product rather than a Linear
+    and squeeze(-1) (FSDP2 warns about modules that return views). Its weights stay fp32 at every precision."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 1)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.weight[0] + self.bias
 
 
 class Critic(nn.Module):
@@ -268,17 +302,14 @@ class Critic(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.config = backbone.config
-        self.value_head = nn.Linear(backbone.config.hidden_size, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = ValueHead(backbone.config.hidden_size)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         """input_ids [B, T] -> values [B, T] in fp32."""
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
-        # A matrix-vector product rather than squeeze(-1): FSDP2 warns about modules that return views.
-        return (hidden @ self.value_head.weight[0] + self.value_head.bias).float()
+        return self.value_head(hidden.float()).float()  # the hidden states cast: the head computes in fp32
 
     @classmethod
     def load(cls, name: str, *, flag: str, device="cpu", trust_remote_code=False) -> "Critic":
@@ -392,7 +423,6 @@ class Run:
     rank: int
     world: int
     stop_ids: list[int]  # the token ids that end a response
-    autocast: Callable[[], contextlib.AbstractContextManager]  # bf16 autocast on one GPU, else a no-op
     checker: Callable[[list[str], list[str]], list[bool]] | None = None  # the answer checker, set by ppo.main
 
     def trained(self) -> dict[str, tuple[nn.Module, tuple[torch.optim.Optimizer, Any]]]:
@@ -407,42 +437,44 @@ def warmup_then_constant(optimizer, warmup_steps: int):
 
 def load_run(cfg, rank: int, world: int, device: torch.device, *, with_critic: bool,
              prm_adapters: dict | None, orm_adapter: Callable | None) -> Run:
-    """Load (and on several ranks shard) every model a PPO run needs and make the optimisers.
+    """Load (and shard) every model a PPO run needs, one at a time, and make the optimisers.
 
     `cfg` is ppo.Config. The critic is loaded only `with_critic`, the PRM only with `prm_adapters` (see
-    `load_prm`), the ORM only with `orm_adapter`. Trained models in fp32 (bf16 compute on GPU). Frozen ones in bf16
-    under FSDP2 (the same numbers as the policy's bf16 all-gather) and for the PRM/ORM; a single GPU keeps the
-    reference in fp32 under autocast like the policy, so that KL is exactly 0 at the first step.
+    `load_prm`), the ORM only with `orm_adapter`. Trained models (policy, critic) keep fp32 weights; under
+    --precision bf16 they compute through FSDP2's bf16 mixed precision, at every world size, and the frozen ones
+    (reference, PRM, ORM) are stored in bf16: the reference then holds the same numbers the policy's bf16
+    all-gather gives, so KL is exactly 0 at the first step. Under fp32 everything is fp32, sharded only on
+    several ranks. Each model is sharded and moved before the next is loaded, so host memory never holds two
+    unsharded models.
     """
-    gpu = device.type == "cuda"
-    load_device = torch.device("cpu") if world > 1 else device
+    sharded = dist.is_initialized()  # several ranks, or one under --precision bf16
+    mixed = cfg.precision == "bf16"
+    frozen_dtype = torch.bfloat16 if mixed else torch.float32
+    load_device = torch.device("cpu") if sharded else device
 
     def place(model: nn.Module, trained: bool) -> nn.Module:
-        if world > 1:
-            shard(model, trained=trained, gpu=gpu)
+        if trained and cfg.gradient_checkpointing:
+            (model.backbone if isinstance(model, Critic) else model).activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        if sharded:
+            shard(model, trained=trained, mixed=mixed)
         return model.to(device)
 
     remote = cfg.trust_remote_code
     tokenizer = load_tokenizer(cfg.model, "--model", remote)
-    policy = load_model(cfg.model, flag="--model", device=load_device, trust_remote_code=remote)
+    policy = place(load_model(cfg.model, flag="--model", device=load_device, trust_remote_code=remote), trained=True)
     critic = None
     if with_critic:
-        critic = Critic.load(cfg.critic or cfg.model, flag="--critic" if cfg.critic else "--model",
-                             device=load_device, trust_remote_code=remote)
-    for model in (policy, critic.backbone if critic else None):
-        if model is not None and cfg.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    policy = place(policy, trained=True)
-    critic = place(critic, trained=True) if critic is not None else None
-    reference = place(load_model(cfg.model, flag="--model", dtype=torch.bfloat16 if gpu and world > 1 else torch.float32,
-                                 device=load_device, trust_remote_code=remote).requires_grad_(False), trained=False)
-    scorer_dtype = torch.bfloat16 if gpu else torch.float32
+        critic = place(Critic.load(cfg.critic or cfg.model, flag="--critic" if cfg.critic else "--model",
+                                   device=load_device, trust_remote_code=remote), trained=True)
+    reference = place(load_model(cfg.model, flag="--model", dtype=frozen_dtype, device=load_device,
+                                 trust_remote_code=remote).requires_grad_(False), trained=False)
     prm = orm = None
     if prm_adapters is not None:
         prm = load_prm(cfg.prm, prm_adapters, prm_format=cfg.prm_format, revision=cfg.prm_revision,
-                       trust_remote_code=remote, dtype=scorer_dtype, device=load_device)
+                       trust_remote_code=remote, dtype=frozen_dtype, device=load_device)
     if orm_adapter is not None:
-        orm = load_orm(cfg.orm, orm_adapter, trust_remote_code=remote, dtype=scorer_dtype, device=load_device)
+        orm = load_orm(cfg.orm, orm_adapter, trust_remote_code=remote, dtype=frozen_dtype, device=load_device)
     for scorer in (prm, orm):
         if isinstance(getattr(scorer, "model", None), nn.Module):
             scorer.model = place(scorer.model, trained=False)
@@ -451,11 +483,9 @@ def load_run(cfg, rank: int, world: int, device: torch.device, *, with_critic: b
         if model is not None:
             optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
             optimizers[name] = (optimizer, warmup_then_constant(optimizer, cfg.warmup_steps))
-    # One GPU: autocast gives bf16 compute over fp32 weights (under FSDP2 its mixed precision does that).
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu and world == 1 else contextlib.nullcontext
     return Run(policy=policy, reference=reference, critic=critic, tokenizer=tokenizer, prm=prm, orm=orm,
                optimizers=optimizers, device=device, rank=rank, world=world,
-               stop_ids=stop_token_ids(policy, tokenizer), autocast=autocast)
+               stop_ids=stop_token_ids(policy, tokenizer))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -595,10 +625,23 @@ def default_cache_dir() -> Path:
 # -------------------------------------------------------------------------------------------------
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: NCCL on GPU, gloo on CPU; alone: rank 0 of 1."""
+def default_precision() -> str:
+    """What --precision means when not given: bf16 on CUDA (what a GPU run does), fp32 on CPU."""
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def init_distributed(precision: str = "fp32") -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: NCCL on GPU, gloo on CPU. Alone under bf16: a one-rank process
+    group on an in-process store (it binds no port, so two runs can start at once), because bf16 runs the FSDP2
+    path at every world size. Alone under fp32: no process group, rank 0 of 1."""
     if "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if precision == "bf16":
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1)
+        return 0, 1, device
     if torch.cuda.is_available():
         local_rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
@@ -648,19 +691,27 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def shard(model: nn.Module, *, trained: bool, gpu: bool) -> None:
+def shard(model: nn.Module, *, trained: bool, mixed: bool) -> None:
     """FSDP2 (`fully_shard`) on every decoder layer, then on the root.
 
-    Trained models on GPU keep fp32 sharded master weights and compute in bf16 with fp32 gradient reduction;
-    frozen models were loaded in bf16 already. On CPU (gloo) everything stays fp32.
+    `mixed` (--precision bf16) with `trained`: the sharded master weights stay fp32 and the forward gathers them
+    in bf16, gradients reduce-scatter in fp32 (a critic's value head stays fp32 throughout). Frozen models get
+    no policy: they were loaded in the dtype they compute in. A causal LM gets `response_head` (see
+    `response_logprobs`) registered as an FSDP forward method, so its LM head runs inside the root's forward.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if gpu and trained else MixedPrecisionPolicy()
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mp = bf16 if trained and mixed else MixedPrecisionPolicy()
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
             fully_shard(module, mp_policy=mp)
+        if isinstance(module, ValueHead):
+            fully_shard(module, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
     fully_shard(model, mp_policy=mp)
+    if isinstance(model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None, nn.Module):
+        model.response_head = types.MethodType(_response_head, model)
+        register_fsdp_forward_method(model, "response_head")
 
 
 def reshard(model: nn.Module | None) -> None:
@@ -703,15 +754,18 @@ class gathered:
         return False
 
 
-def export_hf(model: nn.Module, tokenizer, folder: str | Path, rank: int = 0) -> None:
+def export_hf(model: nn.Module, tokenizer, folder: str | Path, rank: int = 0,
+              dtype: torch.dtype = torch.float32) -> None:
     """Save the (possibly sharded) policy or critic as an HF folder of safetensors that `from_pretrained`
-    (the critic: `Critic.load`, i.e. `--critic`) loads.
+    (the critic: `Critic.load`, i.e. `--critic`) loads, its floating-point weights in `dtype` (bf16 under
+    --precision bf16, as the model computed).
 
     Every rank takes part in gathering the full state dict; rank 0 writes it.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if rank == 0:
         if isinstance(model, Critic):  # backbone folder + value_head.safetensors: what --critic loads
             model.save(folder, state)

@@ -94,6 +94,9 @@ class Config:
                    "folder, or none")
     trust_remote_code: bool = arg(False, "allow model code from the hub (Qwen2.5-Math-PRM needs it); never set by a "
                                   "preset")
+    precision: str | None = arg(None, "bf16: what a GPU run does (fp32 master weights computing through FSDP2's bf16 "
+                                "mixed precision with fp32 gradient reduction, at every world size; frozen models "
+                                "in bf16); fp32: everything fp32; default: bf16 on CUDA, fp32 on CPU")
     gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass of policy and critic (less "
                                        "memory, ~30%% slower)")
     # --- data ---
@@ -182,7 +185,8 @@ RESUMABLE_FIELDS = {"steps", "resume", "save_every", "keep_checkpoints", "log_sa
                     "eval_size", "eval_data", "answer_workers", "answer_timeout", "cache_dir", "output_dir",
                     "generation_batch_size", "micro_batch_tokens", "gradient_checkpointing"}
 # What a field that a checkpoint predates meant then: the behaviour before the flag existed.
-BEFORE_THE_FLAG = {"advantage": "gae", "kl_estimator": "k1", "kl_in": "reward", "loss_agg": "token-mean"}
+BEFORE_THE_FLAG = {"advantage": "gae", "kl_estimator": "k1", "kl_in": "reward", "loss_agg": "token-mean",
+                   "precision": models.default_precision()}
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -209,6 +213,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     args.step_delimiter = args.step_delimiter.replace("\\n", "\n").replace("\\t", "\t")
     if args.prm_revision is None:
         args.prm_revision = models.PINNED_PRM_REVISIONS.get(args.prm)
+    args.precision = args.precision or models.default_precision()
     return Config(**vars(args))
 
 
@@ -226,6 +231,10 @@ def validate(cfg: Config, world: int) -> None:
     validate_choice("--kl-in", cfg.kl_in, ("reward", "loss"))
     validate_choice("--loss-agg", cfg.loss_agg, LOSS_AGGREGATIONS)
     validate_choice("--prm-format", cfg.prm_format, ("auto", *models.PRM_FORMATS))
+    validate_choice("--precision", cfg.precision, ("bf16", "fp32"))
+    if cfg.precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise SystemExit(f"--precision bf16: {torch.cuda.get_device_name()} does not support bf16; use --precision "
+                         "fp32")
     if cfg.reward in rewards.STEP_TRANSFORMS and cfg.prm == "none":
         raise SystemExit(f"--reward {cfg.reward} needs a process reward model, but --prm is none")
     if cfg.reward == "orm" and cfg.orm == "none":
@@ -256,23 +265,9 @@ def validate(cfg: Config, world: int) -> None:
     if not cfg.resume and (Path(cfg.output_dir) / "checkpoints" / "latest").exists():
         raise SystemExit(f"--output-dir {cfg.output_dir} holds another run's checkpoints: pass --resume to continue "
                          "it, or choose a new --output-dir")
-    if cfg.resume:
-        check_resumable(cfg, world)
-
-
-def check_resumable(cfg: Config, world: int) -> None:
-    """A checkpoint continues only the configuration (as given on the command line) and world size it came from."""
-    folder, state = runlog.latest_checkpoint(Path(cfg.output_dir))
-    saved, current = state["config"], dataclasses.asdict(cfg)
-    # A field the checkpoint predates had its value of then (BEFORE_THE_FLAG; the PRM's revision as pinned today).
-    saved = {**BEFORE_THE_FLAG, "prm_revision": models.PINNED_PRM_REVISIONS.get(saved.get("prm")), **saved}
-    diff = [k for k in current if k not in RESUMABLE_FIELDS and saved.get(k) != current[k]]
-    if diff:
-        raise SystemExit(f"--resume: checkpoint {folder} was written with a different config: " +
-                         ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in diff))
-    if state["world_size"] != world:
-        raise SystemExit(f"--resume: {folder} was saved by {state['world_size']} ranks, this run has {world}: "
-                         "resume under the same number of ranks (the RNG state and the data slices are per rank)")
+    if cfg.resume:  # the same config (but RESUMABLE_FIELDS) and world size as the checkpoint's
+        runlog.check_resumable(cfg, world, RESUMABLE_FIELDS,
+                               {**BEFORE_THE_FLAG, "prm_revision": models.PINNED_PRM_REVISIONS.get(cfg.prm)})
 
 
 # -------------------------------------------------------------------------------------------------
@@ -599,7 +594,7 @@ def sample(cfg: Config, batch: list[dict], run: models.Run) -> Rollout:
     prompt_ids = [p["prompt_ids"] for p in problems]
     run.policy.eval()
     response_ids: list[list[int]] = []
-    with models.gathered(run.policy), run.autocast():
+    with models.gathered(run.policy):
         for start in range(0, len(prompt_ids), cfg.generation_batch_size):
             response_ids += models.generate(run.policy, prompt_ids[start:start + cfg.generation_batch_size],
                                             pad_id=run.tokenizer.pad_token_id, stop_ids=run.stop_ids,
@@ -623,14 +618,13 @@ def score_tokens(cfg: Config, ro: Rollout, run: models.Run) -> None:
     out = {field: torch.zeros(B, R) for field in scorers}
     lengths = [len(r) for r in ro.response_ids]
     chunks = micro_batches(list(range(B)), [len(p) for p in ro.prompt_ids], lengths, cfg.micro_batch_tokens)
-    with run.autocast():
-        for rows, _ in equalise(chunks):
-            mb = collate(ro, rows, run.tokenizer.pad_token_id, run.device)
-            width = mb.response_ids.shape[1]
-            for field, model in scorers.items():
-                scores = (response_values(model, mb) if field == "values"
-                          else response_logprobs(model, mb, cfg.temperature))
-                out[field][rows, :width] = scores.float().cpu()
+    for rows, _ in equalise(chunks):
+        mb = collate(ro, rows, run.tokenizer.pad_token_id, run.device)
+        width = mb.response_ids.shape[1]
+        for field, model in scorers.items():
+            scores = (response_values(model, mb) if field == "values"
+                      else response_logprobs(model, mb, cfg.temperature))
+            out[field][rows, :width] = scores.float().cpu()
     for model in scorers.values():  # FSDP2 roots keep their parameters gathered after a forward: free them
         models.reshard(model)
     for field, scores in out.items():
@@ -726,8 +720,7 @@ def backward_micro_batch(cfg: Config, step: int, mb: MicroBatch, weight: float, 
     """Policy forward and backward (with the KL term under --kl-in loss), then the critic's: only one activation
     graph is alive at a time. `weight` 0 marks a repeat that only keeps the ranks' collectives in step (see
     `equalise`)."""
-    with run.autocast():
-        logp, entropy = response_logprobs(run.policy, mb, cfg.temperature, with_entropy=True)  # [n, R]
+    logp, entropy = response_logprobs(run.policy, mb, cfg.temperature, with_entropy=True)  # [n, R]
     p_loss, clipped = policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, cfg.clip_eps, aggregate)
     kl_loss = torch.zeros(())
     if cfg.kl_in == "loss":  # beta * KL to the reference, of the log-probs being trained; exactly 0 off the mask
@@ -737,8 +730,7 @@ def backward_micro_batch(cfg: Config, step: int, mb: MicroBatch, weight: float, 
     (p_loss_total * weight * run.world).backward()
     v_loss = torch.zeros(())
     if run.critic is not None:
-        with run.autocast():
-            new_values = response_values(run.critic, mb)  # [n, R]
+        new_values = response_values(run.critic, mb)  # [n, R]
         v_loss = value_loss(new_values, mb.values, mb.returns, mb.mask, cfg.value_clip, aggregate)
         (v_loss * weight * run.world).backward()
     # Every rank must stop together, or the others wait forever in the next collective.
@@ -858,7 +850,7 @@ def prepare(cfg: Config, rank: int, world: int, device: torch.device):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
-    rank, world, device = models.init_distributed()
+    rank, world, device = models.init_distributed(cfg.precision)
     validate(cfg, world)
     from transformers.utils import logging as hf_logging
 
@@ -874,7 +866,7 @@ def main(argv: list[str] | None = None) -> None:
             metrics = train_on_rollout(cfg, step, ro, run)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 run.policy.eval()
-                with models.gathered(run.policy), run.autocast():
+                with models.gathered(run.policy):
                     result = evaluation.evaluate(run.policy, run.tokenizer, eval_problems, checker=checker,
                                                  max_new_tokens=cfg.max_new_tokens,
                                                  batch_size=cfg.generation_batch_size)
@@ -888,7 +880,8 @@ def main(argv: list[str] | None = None) -> None:
                 runlog.save_checkpoint(run_dir, run.trained(), run.rank, step=step, keep=cfg.keep_checkpoints,
                                 state={"sampler": sampler.state_dict(), "config": requested})
     for name, (model, _) in run.trained().items():  # the critic only with an estimator that has one
-        models.export_hf(model, run.tokenizer, run_dir / name, rank)
+        models.export_hf(model, run.tokenizer, run_dir / name, rank,
+                         dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     if rank == 0:
         print(f"done: metrics in {run_dir / 'metrics.jsonl'}, policy in {run_dir / 'policy'}", file=sys.stderr)
 

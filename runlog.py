@@ -203,6 +203,20 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict]:
     return folder, json.loads((folder / "state.json").read_text())
 
 
+def check_resumable(cfg, world: int, resumable: set[str], before_the_flag: dict) -> None:
+    """A checkpoint continues only the configuration (as given on the command line) and world size it came from.
+    `resumable` fields may change; a field the checkpoint predates reads as `before_the_flag` says."""
+    folder, state = latest_checkpoint(Path(cfg.output_dir))
+    saved, current = {**before_the_flag, **state["config"]}, dataclasses.asdict(cfg)
+    diff = [k for k in current if k not in resumable and saved.get(k) != current[k]]
+    if diff:
+        raise SystemExit(f"--resume: checkpoint {folder} was written with a different config: " +
+                         ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in diff))
+    if state["world_size"] != world:
+        raise SystemExit(f"--resume: {folder} was saved by {state['world_size']} ranks, this run has {world}: "
+                         "resume under the same number of ranks (the RNG state and the data slices are per rank)")
+
+
 def load_checkpoint(run_dir: Path, trained: dict, rank: int, sampler) -> int:
     """Restore everything `save_checkpoint` wrote from <run_dir>/checkpoints/latest into `trained`, this rank's RNG states
     and `sampler` (from state["sampler"]); returns the step."""

@@ -42,7 +42,7 @@ def fingerprint(model) -> dict[str, float]:
 
 def update(rollout_path: str, out: str, reward: str, cache_dir: str, extra: list[str]) -> None:
     """One update per estimator in ppo.ESTIMATORS, each from the same initial models and saved rollout."""
-    rank, world, device = models.init_distributed()
+    rank, world, device = models.init_distributed("bf16" if "bf16" in extra else "fp32")  # bf16: FSDP2 on 1 rank too
     results = {}
     for advantage in ppo.ESTIMATORS:
         cfg = ppo.parse_config(["--preset", "tiny", "--reward", reward, "--cache-dir", cache_dir, "--ppo-epochs", "2",
@@ -65,7 +65,7 @@ def generate(out: str, cache_dir: str) -> None:
     tokenizer = models.load_tokenizer(str(paths["policy"]))
     plain = models.load_model(str(paths["policy"]))
     sharded = models.load_model(str(paths["policy"]))
-    models.shard(sharded, trained=True, gpu=False)
+    models.shard(sharded, trained=True, mixed=False)
     prompts = [tokenizer.encode(t) for t in ["What is 3 + 4?", "Compute 12 - 5.", "x"]]
     kwargs = dict(pad_id=tokenizer.pad_token_id, stop_ids=[], temperature=1.0)
 

@@ -56,8 +56,16 @@ def saved_rollout(cache_dir, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("reward,extra", [("prm", []), ("clip_delta", ["--gradient-checkpointing", "--loss-agg", "seq-mean-token-mean",
-                                                                 "--kl-in", "loss", "--kl-estimator", "k2"])])
+# Tolerance (relative): 1e-4 for metrics, 1e-5 for weight sums, for fp32 and bf16 alike: the same sums in a different
+# order (micro-batches, ranks) in fp32. Under bf16 the log-probs are bitwise those of one process (CPU bf16 does not
+# depend on the batch shape), and with --micro-batch-tokens 64 each backward holds one row, so every bf16 gradient
+# is the same on 1 and 2 ranks before the fp32 reduce-scatter. (Measured: bf16 passes at 1e-6 / 1e-7 too; with
+# several rows per backward, the gradients' bf16 rounding would differ by row grouping, a few 2^-8.)
+@pytest.mark.parametrize("reward,extra", [
+    ("prm", []),
+    ("clip_delta", ["--gradient-checkpointing", "--loss-agg", "seq-mean-token-mean", "--kl-in", "loss",
+                    "--kl-estimator", "k2"]),
+    ("clip_delta", ["--precision", "bf16"])])
 def test_update_with_two_ranks_equals_one_process_for_every_estimator(saved_rollout, cache_dir, tmp_path, reward, extra):
     args = ["tests/distributed_worker.py", "update", str(saved_rollout), "{out}", "--reward", reward, "--cache-dir", cache_dir,
             *extra]
@@ -69,19 +77,20 @@ def test_update_with_two_ranks_equals_one_process_for_every_estimator(saved_roll
     assert list(results["single"]) == list(ppo.ESTIMATORS)
     for advantage in ppo.ESTIMATORS:
         single, double = results["single"][advantage], results["two_ranks"][advantage]
-        # Tolerance: the same sums in a different order (micro-batches, ranks) in fp32.
         keys = ["loss/policy", "policy/grad_norm", "reward/process", "reward/total", "policy/clip_frac",
                 "policy/approx_kl", "advantage/equal_outcome_groups"]
         keys += ["loss/value", "value/grad_norm"] if ppo.ESTIMATORS[advantage].needs_critic else []
         assert single["metrics"].keys() == double["metrics"].keys()
         for key in keys:
-            assert double["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), (advantage, key)
+            assert double["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), (
+                advantage, key)
         assert single["metrics"]["loss/policy"] != 0.0 and single["metrics"]["policy/grad_norm"] > 0
         assert ("critic" in single) == ppo.ESTIMATORS[advantage].needs_critic
         for model in ("policy", "critic") if "critic" in single else ("policy",):
             assert double[model].keys() == single[model].keys()
             for key in single[model]:
-                assert double[model][key] == pytest.approx(single[model][key], rel=1e-5, abs=1e-5), (advantage, model, key)
+                assert double[model][key] == pytest.approx(single[model][key], rel=1e-5, abs=1e-5), (
+                    advantage, model, key)
     # The critic starts with a zero head, so at step 1 GAE (lambda = 1) is REINFORCE++ exactly; the others differ.
     prints = {a: json.dumps(results["single"][a]["policy"]) for a in ppo.ESTIMATORS}
     assert prints["gae"] == prints["reinforce_pp"]
@@ -107,6 +116,34 @@ def test_every_model_is_resharded_after_scoring(cache_dir, tmp_path):
     launch(["tests/distributed_worker.py", "score", str(out), "--cache-dir", cache_dir], 2)
     for rank_result in json.loads(out.read_text()):
         assert rank_result == {"policy": True, "reference": True, "critic": True, "prm": True, "scored": True}
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("nproc", [None, 2])
+def test_bf16_takes_the_gpu_path_on_cpu(cache_dir, tmp_path, nproc):
+    """--precision bf16 on CPU, alone (a one-rank FSDP2 group) and on 2 ranks: scoring and training compute the
+    same log-probs (first_ratio_error <= 1e-6 at every step), the bf16 reference equals the policy's bf16
+    all-gather at step 1 (ref_kl 0), the config records it, and the policy is exported in bf16. Alone, against the
+    same run in fp32: the numbers differ (it really computes in bf16), by rounding only."""
+    from safetensors import safe_open
+
+    flags = ["ppo.py", "--preset", "tiny", "--cache-dir", cache_dir, "--steps", "3", "--answer-workers", "1"]
+    launch(flags + ["--precision", "bf16", "--output-dir", str(tmp_path / "bf16")], nproc)
+    metrics = read_metrics(tmp_path / "bf16")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(m["policy/first_ratio_error"] <= 1e-6 for m in metrics), [m["policy/first_ratio_error"] for m in metrics]
+    assert metrics[0]["policy/ref_kl"] == 0.0
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["precision"] == "bf16"
+    with safe_open(str(tmp_path / "bf16" / "policy" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    if nproc is None:
+        launch(flags + ["--precision", "fp32", "--output-dir", str(tmp_path / "fp32")], None)
+        fp32 = read_metrics(tmp_path / "fp32")[0]
+        assert metrics[0]["policy/entropy"] != fp32["policy/entropy"]
+        assert metrics[0]["policy/entropy"] == pytest.approx(fp32["policy/entropy"], rel=0.05)
 
 
 def test_two_rank_run_resumes_with_the_same_metrics_and_exports_the_sharded_weights(cache_dir, tmp_path):

@@ -102,18 +102,27 @@ def test_value_loss_by_hand():
     assert loss.item() == pytest.approx(0.5 * 0.7 ** 2)
 
 
-def test_token_logprobs_chunked_equals_log_softmax_and_gradients():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_chunked_equals_log_softmax_and_gradients(dtype):
+    """Chunked log-probs and entropy through the head against one plain fp32 log_softmax of hidden @ weight.T,
+    and their gradients (hidden and head alike). Given bf16 operands, the matmul still runs in fp32: the result
+    equals the fp32 computation on the bf16 values exactly."""
     gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(37, 11, generator=gen, requires_grad=True)
+    hidden = torch.randn(37, 6, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(11, 6, generator=gen).to(dtype).requires_grad_()
+    bias = torch.randn(11, generator=gen).to(dtype)
     targets = torch.randint(0, 11, (37,), generator=gen)
-    ref = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[:, None]).squeeze(-1)
-    out = models.token_logprobs(logits, targets, 0.7, chunk_rows=8)
-    assert torch.allclose(out, ref, atol=1e-6)
-    (g_out,) = torch.autograd.grad(out.sum(), logits)
-    (g_ref,) = torch.autograd.grad(ref.sum(), logits)
-    assert torch.allclose(g_out, g_ref, atol=1e-6)
-    entropy = models.token_entropy(logits, 0.7, chunk_rows=5)
-    p = torch.softmax(logits / 0.7, -1)
+    logits = (hidden.float() @ weight.float().T + bias.float()) / 0.7
+    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    out, entropy = models.token_logprobs(hidden, weight, targets, 0.7, bias=bias, with_entropy=True, chunk_rows=8)
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-6)
+    grads = torch.autograd.grad(out.sum(), (hidden, weight))
+    expected = torch.autograd.grad(ref.sum(), (hidden, weight))
+    # fp32: equal to rounding. bf16: a gradient is rounded to bf16 (8 bits), and the head's is summed over the
+    # chunks in bf16 (as autograd accumulates a bf16 leaf's), a few bf16 steps from the sum taken in fp32.
+    for got, want, rtol in zip(grads, expected, (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 5e-2)):
+        assert torch.allclose(got.float(), want.float(), rtol=rtol, atol=rtol)
+    p = torch.softmax(logits, -1)
     assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-5)
 
 
