@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,6 +325,48 @@ def bench(advantage: str, rollout_path: Path, repeats: int, cache_dir: Path) -> 
     return {phase: sorted(t)[len(t) // 2] for phase, t in times.items()}
 
 
+def rss_mib() -> dict[str, float]:
+    """This process's resident memory now, MiB (Linux, /proc/self/status): `rss` in all, `anon` of it not backed
+    by a file (a memory-mapped safetensors file counts in `rss` only: the kernel can drop those pages)."""
+    status = Path("/proc/self/status").read_text()
+    kib = {key: int(re.search(rf"^{key}:\s+(\d+)", status, re.M).group(1)) for key in ("VmRSS", "RssAnon")}
+    return {"rss": kib["VmRSS"] / 1024, "anon": kib["RssAnon"] / 1024}
+
+
+def setup_memory(folder: Path, precision: str) -> dict[str, float]:
+    """Peak resident memory of this rank while `ppo.setup` loads a run's models (policy, critic, reference),
+    sampled every 5 ms, against its memory just before; run under torchrun. The model in `folder` is a Qwen2 of
+    ~100M parameters with random weights, written by rank 0 when missing."""
+    rank, world, device = models.init_distributed(precision)
+    if rank == 0 and not (folder / "config.json").is_file():
+        from transformers import Qwen2ForCausalLM
+
+        config = models.tiny_qwen2_config(32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                          num_attention_heads=12, num_key_value_heads=4)
+        Qwen2ForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+        models.build_tiny_tokenizer().save_pretrained(folder)
+    models.barrier()
+    cfg = ppo.parse_config(["--model", str(folder), "--prm", "none", "--reward", "success", "--precision", precision,
+                            "--prompts-per-step", str(world), "--no-gradient-checkpointing"])
+    before, done = rss_mib(), threading.Event()
+    peak = dict(before)
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak.update({key: max(peak[key], value) for key, value in rss_mib().items()})
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    run = ppo.setup(cfg, rank, world, device)
+    done.set()
+    sampler.join()
+    size = sum(p.numel() for p in run.policy.parameters())  # a sharded DTensor counts its global size
+    after = rss_mib()
+    return {"rank": rank, "world": world, "precision": precision, "policy_mib_fp32": size * 4 / 2**20,
+            **{f"{key}_{when}_mib": value[key] for when, value in (("before", before), ("peak", peak), ("after", after))
+               for key in ("rss", "anon")}}
+
+
 # -------------------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------------------
@@ -345,8 +388,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="the saved rollout; sampled (seed 0) and saved here when missing")
     timing.add_argument("--repeats", type=int, default=10, help="passes over the rollout; the median is printed")
     timing.add_argument("--cache-dir", type=Path, default=models.default_cache_dir())
+    memory = commands.add_parser("setup-memory", help="peak resident memory of a rank while ppo.setup loads a "
+                                 "~100M-parameter run (run it under torchrun)")
+    memory.add_argument("--model-dir", type=Path, default=Path("runs/setup-memory-model"))
+    memory.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
     args = parser.parse_args(argv)
 
+    if args.command == "setup-memory":
+        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v
+                          for k, v in setup_memory(args.model_dir, args.precision).items()}), flush=True)
+        models.end_distributed()
+        return
     if args.command == "bench":
         seconds = bench(args.advantage, args.rollout, args.repeats, args.cache_dir)
         print(json.dumps({"advantage": args.advantage, **{f"seconds/{k}": round(v, 4) for k, v in seconds.items()}}))
