@@ -160,6 +160,8 @@ class Config:
     wandb_entity: str | None = arg(None, "wandb entity (team or user) for --wandb-project; default: your wandb default")
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = arg(2, "how many checkpoints to keep")
+    memory_plan: int = arg(0, "instead of training: simulate this run's GPU memory per rank on N ranks, on CPU from "
+                           "the models' configs alone; print it and write <output-dir>/memory-plan.json (memory.py)")
     resume: bool = arg(False, "continue from <output-dir>/checkpoints/latest; reads only this run's own folder "
                        "(torch.distributed.checkpoint unpickles its metadata)")
 
@@ -183,7 +185,7 @@ PRESETS: dict[str, dict] = {
 RESUMABLE_FIELDS = {"steps", "resume", "save_every", "keep_checkpoints", "log_samples_every", "eval_every",
                     "wandb_project", "wandb_entity",
                     "eval_size", "eval_data", "answer_workers", "answer_timeout", "cache_dir", "output_dir",
-                    "generation_batch_size", "micro_batch_tokens", "gradient_checkpointing"}
+                    "generation_batch_size", "micro_batch_tokens", "gradient_checkpointing", "memory_plan"}
 # What a field that a checkpoint predates meant then: the behaviour before the flag existed.
 BEFORE_THE_FLAG = {"advantage": "gae", "kl_estimator": "k1", "kl_in": "reward", "loss_agg": "token-mean",
                    "precision": models.default_precision()}
@@ -669,26 +671,7 @@ def train_on_rollout(cfg: Config, step: int, ro: Rollout, run: models.Run) -> di
     return runlog.step_metrics(cfg, ro, reward, sums, run, update_time=time.perf_counter() - t0)
 
 
-@dataclass
-class UpdateSums:
-    """Sums over this rank's valid tokens and optimiser steps during `update`; reduced over ranks for metrics."""
-
-    policy_loss: float = 0.0
-    value_loss: float = 0.0
-    kl_loss: float = 0.0
-    clipped: float = 0.0
-    approx_kl: float = 0.0
-    ratio: float = 0.0
-    entropy: float = 0.0
-    tokens: float = 0.0
-    policy_grad_norm: float = 0.0
-    value_grad_norm: float = 0.0
-    optimizer_steps: float = 0.0
-    # max |log ratio| of this rank's first micro-batch, not reduced: ~0 when scoring and training agree
-    first_ratio_error: float | None = None
-
-
-def update(cfg: Config, step: int, ro: Rollout, run: models.Run) -> UpdateSums:
+def update(cfg: Config, step: int, ro: Rollout, run: models.Run) -> runlog.UpdateSums:
     """6. ppo_epochs passes over shuffled minibatches, one optimiser step per minibatch.
 
     Losses are aggregated with the minibatch's counts over all micro-batches and ranks (LossAggregation), and
@@ -699,7 +682,7 @@ def update(cfg: Config, step: int, ro: Rollout, run: models.Run) -> UpdateSums:
         model.train()
     B = ro.mask.shape[0]
     prompt_lens, response_lens = [len(p) for p in ro.prompt_ids], [len(r) for r in ro.response_ids]
-    sums = UpdateSums()
+    sums = runlog.UpdateSums()
     shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + run.rank)
     minibatch_size = B // cfg.ppo_minibatches
     for _ in range(cfg.ppo_epochs):
@@ -716,7 +699,7 @@ def update(cfg: Config, step: int, ro: Rollout, run: models.Run) -> UpdateSums:
 
 
 def backward_micro_batch(cfg: Config, step: int, mb: MicroBatch, weight: float, aggregate: LossAggregation,
-                         run: models.Run, sums: UpdateSums) -> None:
+                         run: models.Run, sums: runlog.UpdateSums) -> None:
     """Policy forward and backward (with the KL term under --kl-in loss), then the critic's: only one activation
     graph is alive at a time. `weight` 0 marks a repeat that only keeps the ranks' collectives in step (see
     `equalise`)."""
@@ -753,7 +736,7 @@ def backward_micro_batch(cfg: Config, step: int, mb: MicroBatch, weight: float, 
         sums.tokens += mb.mask.sum().item()
 
 
-def optimizer_step(cfg: Config, run: models.Run, sums: UpdateSums) -> None:
+def optimizer_step(cfg: Config, run: models.Run, sums: runlog.UpdateSums) -> None:
     """Clip each model's gradient to max_grad_norm, step its optimiser and schedule, clear its gradient."""
     for name, (model, (optimizer, scheduler)) in run.trained().items():
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -848,8 +831,22 @@ def prepare(cfg: Config, rank: int, world: int, device: torch.device):
     return run, sampler, eval_problems, start, requested
 
 
+def plan_memory(cfg: Config) -> None:
+    """--memory-plan N: the run's per-rank memory in each phase, simulated (memory.py); nothing is trained."""
+    import memory
+
+    resolve_local_models(cfg, rank=0)
+    plan = memory.plan(cfg, cfg.memory_plan, with_critic=ESTIMATORS[cfg.advantage].needs_critic,
+                       uses_prm=cfg.reward in rewards.STEP_TRANSFORMS and cfg.prm != "none",
+                       uses_orm=cfg.reward == "orm")
+    print(memory.report(plan, cfg, cfg.memory_plan))
+    print(f"wrote {memory.write(plan, cfg.output_dir)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
+    if cfg.memory_plan:
+        return plan_memory(cfg)
     rank, world, device = models.init_distributed(cfg.precision)
     validate(cfg, world)
     from transformers.utils import logging as hf_logging

@@ -37,6 +37,25 @@ from models import all_reduce, barrier, world_size
 
 
 @dataclass
+class UpdateSums:
+    """Sums over this rank's valid tokens and optimiser steps during ppo.update; reduced over ranks for metrics."""
+
+    policy_loss: float = 0.0
+    value_loss: float = 0.0
+    kl_loss: float = 0.0
+    clipped: float = 0.0
+    approx_kl: float = 0.0
+    ratio: float = 0.0
+    entropy: float = 0.0
+    tokens: float = 0.0
+    policy_grad_norm: float = 0.0
+    value_grad_norm: float = 0.0
+    optimizer_steps: float = 0.0
+    # max |log ratio| of this rank's first micro-batch, not reduced: ~0 when scoring and training agree
+    first_ratio_error: float | None = None
+
+
+@dataclass
 class RolloutSums:
     """Sums over this rank's responses for the step's metrics; reduced over ranks with the UpdateSums."""
 
@@ -98,7 +117,7 @@ def summed_over_ranks(*parts):
 
 def step_metrics(cfg, ro, reward, sums, run, update_time: float) -> dict[str, float]:
     """The step's metrics in named groups (the README's glossary): this rank's sums of the rollout (RolloutSums)
-    and of the update (ppo.UpdateSums), one reduction over ranks, then ratios. cfg: ppo.Config, ro: ppo.Rollout,
+    and of the update (UpdateSums), one reduction over ranks, then ratios. cfg: ppo.Config, ro: ppo.Rollout,
     reward: rewards.RolloutRewards, run: models.Run."""
     r, u = summed_over_ranks(rollout_sums(ro, reward), sums)
     n, steps = r.responses, u.optimizer_steps

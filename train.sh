@@ -4,6 +4,8 @@
 #   bash train.sh paper-1.5b          Qwen2.5-Math-1.5B-Instruct + Math-Shepherd PRM, Clip-Delta, one node of 8 GPUs
 #   bash train.sh paper-7b            Qwen2.5-Math-7B-Instruct + Math-Shepherd PRM, Clip-Delta, one node of 8 x 80 GB
 #   bash train.sh bench-1.5b          GPU speed and memory of the real 1.5B shape with random weights, no download
+#   bash train.sh gpu-check           the device check (gpu_check.py): sdpa, bf16 step 1, decode rates, one PPO step
+#   bash train.sh gpu-check-prepare   run here first: the Qwen2 config and tokenizer and the wheels, into .gpu-check/
 #   bash train.sh cpu-tiny            the tiny preset on 2 CPU ranks (gloo): the distributed path without a GPU
 #   bash train.sh toy-ablation        the CPU toy world: every reward at alpha = 1, then a table (and a plot: .[plot])
 #   bash train.sh toy-alpha           the toy world: prm and delta at alpha = 0.5 and 0.2
@@ -63,6 +65,24 @@ PY
     torchrun --standalone --nproc_per_node "${NPROC:-1}" ppo.py --model runs/bench-1.5b-model --reward success \
       --prm none --train-data tiny --steps 3 --prompts-per-step "${NPROC:-1}" --samples-per-prompt 16 \
       --max-new-tokens 1024 --ppo-minibatches 1 --output-dir runs/bench-1.5b "$@" ;;
+  gpu-check)
+    # One line per part; GPU_CHECK_PARTS=a,b,c,d selects, GPU_CHECK_SHAPE=tiny runs it on CPU in a minute. On the GPU
+    # machine (no network) the packages its image lacks come from .gpu-check/wheels (gpu-check-prepare).
+    if ls "${GPU_CHECK_DIR:-.gpu-check}"/wheels/*.whl > /dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-check-site \
+        "${GPU_CHECK_DIR:-.gpu-check}"/wheels/*.whl && export PYTHONPATH=/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    python3 gpu_check.py "$@" ;;
+  gpu-check-prepare)
+    # .gpu-check/ (git-ignored; ~15 MB) travels with the device call: the real Qwen2 config and tokenizer, and cp312
+    # manylinux wheels of what the device image lacks (it has torch 2.11 and transformers 5.17; we need >= 5.24).
+    mkdir -p .gpu-check/qwen2 .gpu-check/wheels
+    cp "${QWEN2_DIR:-../shared/qwen2-tokenizer}"/* .gpu-check/qwen2/
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d .gpu-check/wheels transformers==5.25.0 huggingface-hub==2.4.0 tokenizers==0.23.3 safetensors==0.8.0 \
+      kernels==0.19.1 hf-xet==1.8.0 math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
+    du -sh .gpu-check ;;
   cpu-tiny)
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 ppo.py --preset tiny --reward clip_delta \
       --output-dir runs/cpu-tiny $(resume_if_started runs/cpu-tiny) "$@" ;;
@@ -118,6 +138,6 @@ PY
     wait
     report_cells "$root" 0.4 $cells ;;
   *)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     [ -z "$recipe" ] || { echo "unknown recipe: $recipe" >&2; exit 2; } ;;
 esac
