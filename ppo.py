@@ -96,7 +96,8 @@ class Config:
                                   "preset")
     precision: str | None = arg(None, "bf16: what a GPU run does (fp32 master weights computing through FSDP2's bf16 "
                                 "mixed precision with fp32 gradient reduction, at every world size; frozen models "
-                                "in bf16); fp32: everything fp32; default: bf16 on CUDA, fp32 on CPU")
+                                "in bf16); fp32: everything fp32; default: bf16 on CUDA and for --memory-plan, fp32 "
+                                "on CPU")
     gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass of policy and critic (less "
                                        "memory, ~30%% slower)")
     # --- data ---
@@ -122,7 +123,8 @@ class Config:
     alpha: float = arg(1.0, "weight of the PRM/ORM term against the 1/0 success reward (ours: the paper does not say)")
     eta: float = arg(0.5, "Clip threshold: step reward min(score - eta, 0) (ours: penalise steps the PRM thinks more "
                      "likely wrong than right)")
-    minform_temperature: float = arg(0.1, "temperature of PURE's softmin weights for --reward minform (PURE's value)")
+    minform_temperature: float = arg(0.1, "temperature T of --reward minform's softmin weights on x = 2s - 1 (PURE's "
+                                         "transform and its T)")
     step_delimiter: str = arg("\n\n", "text that separates reasoning steps (empty steps are dropped)")
     beta: float = arg(0.1, "KL weight (ReaLHF's default kl_ctl): -beta * k per token in the reward, or beta * k in "
                       "the loss")
@@ -215,7 +217,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     args.step_delimiter = args.step_delimiter.replace("\\n", "\n").replace("\\t", "\t")
     if args.prm_revision is None:
         args.prm_revision = models.PINNED_PRM_REVISIONS.get(args.prm)
-    args.precision = args.precision or models.default_precision()
+    # A memory plan sizes GPUs, whatever machine makes it: a GPU run's default precision.
+    args.precision = args.precision or ("bf16" if args.memory_plan else models.default_precision())
     return Config(**vars(args))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -235,9 +236,7 @@ def report(run_dirs: list[Path], out: Path | None, threshold: float = DEFAULT_TH
         return table
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
-    try:
-        import matplotlib
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         print("report: matplotlib is not installed (pip install -e '.[plot]'), no plot written", file=sys.stderr)
         return table
     plot(groups, out.with_suffix(".png"))
