@@ -26,7 +26,7 @@ The `--reward` choices. The total reward is Correct + alpha * sum_k r_k (- the K
     clip         r_k = min(s_k - eta, 0)
     delta        r_k = s_k - s_{k+1} for k < K-1,  r_{K-1} = s_{K-1},  r_K = 0
     clip_delta   delta applied to the clipped scores c_k = min(s_k - eta, 0)
-    minform      r_k = s_k * exp(-s_k / T) / sum_j exp(-s_j / T)   (PURE, arXiv 2504.15275)
+    minform      r_k = x_k * exp(-x_k / T) / sum_j exp(-x_j / T), x = 2s - 1   (PURE, arXiv 2504.15275)
 
 eta is --eta, alpha --alpha and T --minform-temperature (not the sampling temperature).
 
@@ -551,50 +551,65 @@ class StepTagPRM:
             raise ValueError(f"StepTagPRM: {len(questions)} questions but {len(steps)} step lists")
         scores: list[list[float]] = [[] for _ in questions]
         rows = [b for b in range(len(questions)) if steps[b]]  # a response without steps has nothing to score
-        encodings, tags = [], []  # per row: its unpadded ids, and the token index of each of its tags
-        for b in rows:
-            text, ends = questions[b] + " ", []
-            for k, step in enumerate(steps[b]):
-                text += ("\n" if k else "") + step + " " + self.step_tag
-                ends.append(len(text))
-            encoding = self.tokenizer(text, return_offsets_mapping=True)
-            tags.append(self._tag_positions(encoding, ends, b))
-            encodings.append({key: encoding[key] for key in ("input_ids", "attention_mask")})
-        for batch in _length_sorted_batches([len(e["input_ids"]) for e in encodings], self.batch_tokens):
-            padded = self.tokenizer.pad([encodings[i] for i in batch], return_tensors="pt")
-            width = padded["input_ids"].shape[1]
-            shift = [width - len(encodings[i]["input_ids"]) if self.tokenizer.padding_side == "left" else 0
-                     for i in batch]
-            at = [(row, t + shift[row]) for row, i in enumerate(batch) for t in tags[i]]  # (row, column) per tag
-            p_good = self._good_probability(padded, at).tolist()
-            for row, i in enumerate(batch):
-                scores[rows[i]], p_good = p_good[:len(tags[i])], p_good[len(tags[i]):]
+        encoded = [self.encode(*step_tag_text(questions[b], steps[b], self.step_tag), b) for b in rows]
+        for batch in _length_sorted_batches([len(ids) for ids, _ in encoded], self.batch_tokens):
+            padded, at = self.pad([encoded[i] for i in batch])
+            with torch.no_grad():
+                p_good = tag_logits(self.model, padded, at, [self.good_id, self.bad_id]).float().softmax(-1)
+            p_good = p_good[:, 0].tolist()
+            for i in batch:
+                n = len(encoded[i][1])
+                scores[rows[i]], p_good = p_good[:n], p_good[n:]
         return scores
 
-    def _tag_positions(self, encoding, ends: list[int], b: int) -> list[int]:
-        """The token that ends each tag (by character offset); a tag merged with its neighbours is an error."""
+    def encode(self, text: str, ends: list[int], row) -> tuple[list[int], list[int]]:
+        """(token ids, the token index that ends each tag) of a text whose tags end at characters `ends` (by
+        character offset, so a tag-like string inside a step is never read); a tag merged with its neighbours
+        is an error naming `row`."""
+        encoding = self.tokenizer(text, return_offsets_mapping=True)
         token_at_char_end = {end: t for t, (_, end) in enumerate(encoding["offset_mapping"])}
         positions = [token_at_char_end.get(end) for end in ends]
         if any(t is None or encoding["input_ids"][t] != self.tag_id for t in positions):
-            raise ValueError(f"StepTagPRM: the step tag {self.step_tag!r} merged with neighbouring text in row {b} "
+            raise ValueError(f"StepTagPRM: the step tag {self.step_tag!r} merged with neighbouring text in row {row} "
                              "and is not one token there; choose a tag the tokenizer keeps separate")
-        return positions
+        return list(encoding["input_ids"]), positions
 
-    @torch.no_grad()
-    def _good_probability(self, padded, at: list[tuple[int, int]]) -> torch.Tensor:
-        """P(good) from the good and bad logits at the (row, column) pairs `at` of a padded batch: [len(at)]."""
-        device = next(self.model.parameters()).device
-        mask = padded["attention_mask"]
-        hidden = self.model.base_model(input_ids=padded["input_ids"].to(device), attention_mask=mask.to(device),
-                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
-                                       use_cache=False).last_hidden_state  # [B, T, H]
-        rows, columns = zip(*at)
-        head = self.model.get_output_embeddings()
-        labels = [self.good_id, self.bad_id]
-        logits = hidden[list(rows), list(columns)] @ head.weight[labels].T  # [N, 2]
-        if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[labels]
-        return logits.float().softmax(-1)[:, 0].cpu()
+    def pad(self, encoded: list[tuple[list[int], list[int]]]) -> tuple[dict, list[tuple[int, int]]]:
+        """A padded batch of `encode` outputs and the (row, column) of every tag in it, row by row."""
+        padded = self.tokenizer.pad([{"input_ids": ids} for ids, _ in encoded], return_tensors="pt")
+        width = padded["input_ids"].shape[1]
+        left = self.tokenizer.padding_side == "left"
+        at = [(row, t + (width - len(ids) if left else 0)) for row, (ids, tags) in enumerate(encoded) for t in tags]
+        return padded, at
+
+
+def step_tag_text(question: str, steps: list[str], step_tag: str = "ки") -> tuple[str, list[int]]:
+    """The Math-Shepherd input of a response and the character index just past each tag:
+
+        step_tag_text("1+1?", ["1+1=2", "\\boxed{2}"]) -> ("1+1? 1+1=2 ки\n\\boxed{2} ки", [13, 26])
+    """
+    text, ends = question + " ", []
+    for k, step in enumerate(steps):
+        text += ("\n" if k else "") + step + " " + step_tag
+        ends.append(len(text))
+    return text, ends
+
+
+def tag_logits(model, padded: dict, at: list[tuple[int, int]], label_ids: list[int]) -> torch.Tensor:
+    """The logits of the label tokens (good, bad) at the (row, column) pairs `at` of a padded batch of a causal LM:
+    [len(at), len(label_ids)], the backbone's hidden states there times those rows of the LM head (no [B, T, vocab]
+    tensor). Gradients flow when called with them (prm.py trains through it)."""
+    device = next(model.parameters()).device
+    mask = padded["attention_mask"]
+    hidden = model.base_model(input_ids=padded["input_ids"].to(device), attention_mask=mask.to(device),
+                              position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                              use_cache=False).last_hidden_state  # [B, T, H]
+    rows, columns = zip(*at)
+    head = model.get_output_embeddings()
+    logits = hidden[list(rows), list(columns)] @ head.weight[label_ids].T  # [N, 2]
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[label_ids]
+    return logits
 
 
 class TokenClassifierPRM:
@@ -733,16 +748,20 @@ def clip_delta_rewards(scores: torch.Tensor, eta: float) -> torch.Tensor:
 
 
 def minform_rewards(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """PURE's min-form credit assignment (arXiv 2504.15275): r_k = s_k * softmax(-s / T)_k.
+    """PURE's min-form credit assignment (arXiv 2504.15275): r_k = x_k * softmax(-x / T)_k with x_k = 2 s_k - 1.
 
-    The weights concentrate on the lowest score as T -> 0, so the rewards sum to about min_k s_k.
+    x = p(+) - p(-) = 2p - 1 moves the score to [-1, 1], so a step the PRM thinks wrong is penalised (on p in
+    [0, 1] it would only pay less). The weights concentrate on the lowest step as T -> 0, so the rewards sum to
+    about min_k x_k = 2 min_k s_k - 1.
 
-        minform_rewards(tensor([0.9, 0.1]), temperature=0.1)
-          weights softmax([-9, -1]) = [0.000335, 0.999665] -> tensor([0.000302, 0.099966])  (sum 0.1003)
+        minform_rewards(tensor([0.6, 0.4]), temperature=0.1)
+          x = [0.2, -0.2], weights softmax([-2, 2]) = [0.017986, 0.982014] -> tensor([0.003597, -0.196403])
+          (sum -0.1928, about min x = -0.2)
     """
     if not temperature > 0:
         raise ValueError(f"--minform-temperature must be > 0, got {temperature}")
-    return scores * torch.softmax(-scores / temperature, dim=0)
+    x = 2 * scores - 1
+    return x * torch.softmax(-x / temperature, dim=0)
 
 
 # `cfg` is any object with the attributes `eta` and `minform_temperature` (ppo.py passes its config).

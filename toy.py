@@ -196,6 +196,37 @@ def step_verifier(questions: list[str], steps: list[list[str]]) -> list[list[flo
     return [[score_step(step) for step in response] for response in steps]
 
 
+def prefix_correct(questions: list[str], steps: list[list[str]]) -> list[list[float]]:
+    """The truth a learned PRM is measured against (prm.py evaluate --truth toy:prefix_correct), with the PRM
+    interface: 1.0 while the solution is still on track after step k, else 0.0. On track: every step so far
+    applies the problem's next operation to the true running value and writes the true result, or is an identity
+    step on that value (`7+0=7`), and a `\\boxed{}` step boxes the answer after all operations. Once off, off.
+
+        prefix_correct(["(3+4)*2"], [["3+4=7", "7+0=7", "7*2=15", "\\\\boxed{15}"]]) == [[1.0, 1.0, 0.0, 0.0]]
+    """
+    out = []
+    for question, response in zip(questions, steps, strict=True):
+        numbers = re.findall(r"[+\-*]?\d+", question.replace("(", "").replace(")", ""))
+        value, ops = int(numbers[0]), [(n[0], int(n[1:])) for n in numbers[1:]]
+        done, on_track, verdicts = 0, True, []
+        for step in response:
+            text = "".join(step.split())
+            match = _EQUATION.fullmatch(text)
+            if _BOXED.fullmatch(text):
+                on_track = on_track and done == len(ops) and text == f"\\boxed{{{value}}}"
+            elif match is None or int(match[1]) != value:
+                on_track = False
+            elif done < len(ops) and (match[2], int(match[3])) == ops[done] and int(match[4]) == apply_op(
+                    value, *ops[done]):
+                done, value = done + 1, int(match[4])
+            else:  # only an identity step on the running value keeps it on track
+                on_track = on_track and (match[2], match[3]) in (("+", "0"), ("-", "0"), ("*", "1")) and int(
+                    match[4]) == value
+            verdicts.append(float(on_track))
+        out.append(verdicts)
+    return out
+
+
 # -------------------------------------------------------------------------------------------------
 # Character-level tokenizer
 # -------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 #   bash train.sh toy-alpha           the toy world: prm and delta at alpha = 0.5 and 0.2
 #   bash train.sh toy-estimators      the toy world: every reward under every --advantage (PARALLEL=2 runs at once)
 #   bash train.sh toy-hard            the harder toy world: when does a PRM help? (seeds, sample efficiency)
+#   bash train.sh toy-prm             the toy world with a PRM we train (prm.py): label, train, evaluate, then PPO
 #
 # Example: bash train.sh paper-1.5b --reward delta --output-dir runs/delta
 set -euo pipefail
@@ -114,6 +115,34 @@ PY
         cells+=" $root/$reward-$advantage"
       done
     done
+    wait
+    report_cells "$root" 0.8 $cells ;;
+  toy-prm)
+    # The paper's setting end to end on the toy (about an hour on 2 cores): Math-Shepherd labels of 300 problems
+    # (4 solutions each, 8 completions per step prefix, 2 ranks), a step-tag PRM fine-tuned from the warm start,
+    # its evaluation beside the exact step verifier's, then PPO (gae, alpha 1) with the learned PRM: the five
+    # PRM rewards at seed 0, clip_delta and success (no PRM) at seeds 0-2. Runs as toy-estimators does.
+    export OMP_NUM_THREADS=1
+    root=runs/toy-prm cells=""
+    model=$(python toy.py warm-start --no-measure)
+    torchrun --standalone --nproc_per_node 2 prm.py label --preset toy --problems 300 --samples 4 --completions 8 \
+      --output-dir "$root/labels"
+    [ -f "$root/prm/model.safetensors" ] || python prm.py train --preset toy --labels "$root/labels/labels.jsonl" \
+      --epochs 5 --lr 3e-4 --batch-tokens 1024 --output-dir "$root"
+    evaluate_prm() {  # evaluate_prm PRM OUT: step quality on the held-out labels, and best-of-8
+      python prm.py evaluate --preset toy --prm "$1" --labels "$root/heldout.jsonl" \
+        --truth toy:prefix_correct,toy:step_verifier --train-labels "$root/labels/labels.jsonl" --output-dir "$2"
+    }
+    evaluate_prm "$root/prm" "$root/eval-learned"
+    evaluate_prm toy:step_verifier "$root/eval-verifier"
+    prm_cell() {  # prm_cell REWARD SEED [FLAGS...]
+      local reward=$1 seed=$2; shift 2
+      run_cell "$root/$reward-s$seed" --preset toy --model "$model" --reward "$reward" --seed "$seed" "$@"
+      cells+=" $root/$reward-s$seed"
+    }
+    for reward in clip_delta prm clip delta minform; do prm_cell "$reward" 0 --prm "$root/prm"; done
+    for seed in 0 1 2; do prm_cell success "$seed"; done
+    for seed in 1 2; do prm_cell clip_delta "$seed" --prm "$root/prm"; done
     wait
     report_cells "$root" 0.8 $cells ;;
   toy-hard)

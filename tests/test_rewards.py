@@ -347,13 +347,15 @@ def test_clip_delta_rewards():
 
 
 def test_minform_rewards():
-    w = [math.exp(-9.0), math.exp(-1.0)]
-    expected = [0.9 * w[0] / sum(w), 0.1 * w[1] / sum(w)]
-    assert close(minform_rewards(torch.tensor([0.9, 0.1]), 0.1), expected)
-    assert close(minform_rewards(torch.tensor([0.4]), 0.1), [0.4])
+    """PURE's form on x = 2s - 1, by hand: the docstring's example, one step, no step, and the sum ~ 2 min s - 1."""
+    w = [math.exp(-2.0), math.exp(2.0)]  # softmax(-x / 0.1) of x = [0.2, -0.2]
+    expected = [0.2 * w[0] / sum(w), -0.2 * w[1] / sum(w)]
+    assert close(minform_rewards(torch.tensor([0.6, 0.4]), 0.1), expected)
+    assert close(expected, [0.003597, -0.196403], 1e-6)
+    assert close(minform_rewards(torch.tensor([0.4]), 0.1), [-0.2])  # a bad step is penalised, not paid less
     assert minform_rewards(torch.tensor([]), 0.1).shape == (0,)
     scores = torch.tensor([0.8, 0.35, 0.9, 0.6, 0.7])
-    assert math.isclose(minform_rewards(scores, 0.01).sum().item(), 0.35, abs_tol=1e-4)  # ~ min for small T
+    assert math.isclose(minform_rewards(scores, 0.01).sum().item(), -0.3, abs_tol=1e-4)  # ~ 2 min s - 1, small T
     with pytest.raises(ValueError, match="minform-temperature"):
         minform_rewards(scores, 0.0)
 

