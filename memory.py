@@ -441,12 +441,12 @@ def _scorer_forward(model: nn.Module, kind: str, cfg) -> None:
         adapter = rewards.StepTagPRM if kind == "step_tag" else rewards.TokenClassifierPRM
         rows = max(1, _default(adapter, "batch_tokens", cfg.micro_batch_tokens) // width)
     ids = torch.zeros(rows, width, dtype=torch.long)
-    position_ids = torch.arange(width).expand(rows, width).contiguous()
-    if kind == "step_tag":
-        hidden = model.base_model(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        head = model.get_output_embeddings()
-        scores = (hidden[:, -1] @ head.weight[:2].T).float().softmax(-1)
+    if kind == "step_tag":  # the adapter's own head: one tag per row here, at its end
+        padded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        scores = rewards.tag_logits(model, padded, [(row, width - 1) for row in range(rows)], [0, 1]).float()
+        scores = scores.softmax(-1)
     else:
+        position_ids = torch.arange(width).expand(rows, width).contiguous()
         scores = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits.float()
     del scores
 

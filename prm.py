@@ -143,13 +143,18 @@ def parse_config(argv: list[str]):
     return argv[0], cfg
 
 
-def local_model(name: str, cfg: Common) -> str:
-    """A model name as ppo.py reads it: `tiny` and the toy worlds are built locally (cached), the rest as given."""
-    if name == "tiny":
-        return str(models.build_tiny(Path(cfg.cache_dir) / "tiny")["policy"])
-    if name in toy.WORLDS:
-        return str(toy.warm_start(Path(cfg.cache_dir) / "toy", cfg.seed, **toy.WORLDS[name]))
-    return name
+def local_model(name: str, cfg: Common, rank: int = 0) -> str:
+    """A model name as ppo.py reads it: `tiny` and the toy worlds are built locally (cached), the rest as given.
+    Rank 0 builds first; the other ranks then find the cache (as ppo.resolve_local_models)."""
+    path = name
+    for turn in range(2):
+        if (turn == 0) == (rank == 0):
+            if name == "tiny":
+                path = str(models.build_tiny(Path(cfg.cache_dir) / "tiny")["policy"])
+            elif name in toy.WORLDS:
+                path = str(toy.warm_start(Path(cfg.cache_dir) / "toy", cfg.seed, **toy.WORLDS[name]))
+        models.barrier()
+    return path
 
 
 def load_problems(source: str, split: str, seed: int) -> list[dict]:
@@ -235,10 +240,8 @@ class Sampler:
 def label(cfg: LabelConfig) -> Path:
     rank, world, device = models.init_distributed("fp32")
     out = Path(cfg.output_dir)
-    cfg.model = local_model(cfg.model, cfg) if rank == 0 else cfg.model
-    models.barrier()
-    cfg.model = local_model(cfg.model, cfg)
-    cfg.completer = local_model(cfg.completer, cfg) if cfg.completer else cfg.model
+    cfg.model = local_model(cfg.model, cfg, rank)
+    cfg.completer = local_model(cfg.completer, cfg, rank) if cfg.completer else cfg.model
     check_meta(out, cfg, rank)
     problems = [dict(p, problem_id=i) for i, p in enumerate(load_problems(cfg.data, "train", cfg.seed))]
     if len(problems) < cfg.problems:
@@ -447,9 +450,9 @@ def run_batch(model, adapter, encoded, targets, batch: list[int], rank: int, wor
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of P(good) = softmax(logits)[:, 0] against targets in [0, 1] (hard or soft)."""
+    """Cross-entropy per tag [N] of P(good) = softmax(logits)[:, 0] against targets in [0, 1] (hard or soft)."""
     logp = logits.log_softmax(-1)
-    return -(targets * logp[:, 0] + (1 - targets) * logp[:, 1]).sum()
+    return -(targets * logp[:, 0] + (1 - targets) * logp[:, 1])
 
 
 def train_epoch(model, adapter, optimizer, scheduler, train_set, cfg: TrainConfig, epoch: int) -> float:
@@ -464,7 +467,7 @@ def train_epoch(model, adapter, optimizer, scheduler, train_set, cfg: TrainConfi
                       disable=rank != 0, leave=False):
         n = sum(len(targets[i]) for i in batch)
         logits, target, weight = run_batch(model, adapter, encoded, targets, batch, rank, world)
-        loss = cross_entropy(logits, target) * weight
+        loss = cross_entropy(logits, target).sum() * weight
         (loss * world / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -488,8 +491,7 @@ def held_out_metrics(model, adapter, held_set, cfg: TrainConfig) -> dict:
         logits, target, weight = run_batch(model, adapter, encoded, targets, batch, rank, world)
         if weight:
             mine = [h for i in batch[rank::world] for h in hard[i]]
-            losses = [cross_entropy(row[None], t[None]).item() for row, t in zip(logits, target)]
-            scored += zip(logits.softmax(-1)[:, 0].tolist(), mine, losses)
+            scored += zip(logits.softmax(-1)[:, 0].tolist(), mine, cross_entropy(logits, target).tolist())
     every = [None] * world
     dist.all_gather_object(every, scored) if dist.is_initialized() else every.__setitem__(0, scored)
     p, labels, losses = zip(*[s for part in every for s in part])
@@ -548,9 +550,7 @@ def prepare_model(cfg: TrainConfig, device: torch.device):
 
 def train(cfg: TrainConfig) -> Path:
     rank, world, device = models.init_distributed(cfg.precision)
-    cfg.model = local_model(cfg.model, cfg) if rank == 0 else cfg.model
-    models.barrier()
-    cfg.model = local_model(cfg.model, cfg)
+    cfg.model = local_model(cfg.model, cfg, rank)
     training, held = split_by_problem(read_examples(cfg.labels, cfg.soft_labels), cfg.heldout_fraction, cfg.seed)
     if not training:
         raise SystemExit(f"--heldout-fraction {cfg.heldout_fraction}: nothing is left to train on")
@@ -664,7 +664,7 @@ def best_of_n(prm, cfg: EvaluateConfig, device: torch.device) -> dict:
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    _, _, device = models.init_distributed("fp32")  # one process: cuda:0 where there is one, else the CPU
     prm = load_scorer(cfg.prm)
     result = {"prm": cfg.prm}
     if cfg.labels:
